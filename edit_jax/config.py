@@ -1,0 +1,227 @@
+"""Run configuration: frozen dataclasses loaded from YAML plus dotted `key=value` overrides.
+
+OmegaConf merges the YAML file and the overrides onto the dataclass schema, so unknown keys and
+values of the wrong type are rejected at load time; `validate` then checks values that must agree
+with each other. Every problem becomes a one-line `UserError` that names the key.
+The dataclass defaults are the `tiny` config, so `edit-jax train` with no arguments needs no file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from edit_jax.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16")
+METHODS = ("ddp",)
+DATA_SOURCES = ("bundled", "files", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Llama architecture. vocab_size 0 means: take it from the tokenizer."""
+
+    vocab_size: int = 0
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_ff: int = 384
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+    remat: str = "full"  # none | full | dots | dots_no_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """('replica', 'shard') mesh sizes; -1 means "all remaining devices"."""
+
+    replica: int = 2
+    shard: int = 4
+    num_cpu_devices: int = 8  # fake devices when running on CPU
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where text comes from, how it is tokenized, and the batch shape."""
+
+    source: str = "bundled"  # bundled | files | tfds
+    paths: tuple[str, ...] = ()  # source=files: .txt / .jsonl files or glob patterns
+    text_field: str = "text"  # jsonl key / tfds feature holding the text
+    tfds_name: str = ""
+    tfds_data_dir: str = ""
+    train_split: str = "train"
+    val_split: str = ""  # '' = hold out val_fraction of the training documents
+    val_fraction: float = 0.02
+    tokenizer: str = "byte"  # byte | bpe | path/to/tokenizer.json
+    bpe_vocab_size: int = 4096
+    seq_len: int = 128
+    global_batch_size: int = 32  # sequences per step over all replicas
+    shuffle_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Inner AdamW with linear warm-up, cosine decay and global-norm clipping."""
+
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    decay_steps: int = 0  # 0 = run.steps
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """The distributed training method."""
+
+    name: str = "ddp"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Length of the run, where it writes, and how often it evaluates and saves."""
+
+    steps: int = 300
+    run_dir: str = "runs/tiny"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A config file path, or a bare name such as `small` looked up in configs/."""
+    path = Path(name_or_path)
+    if not path.exists() and path.suffix == "" and (CONFIG_DIR / f"{name_or_path}.yaml").exists():
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise UserError(f"config file not found: {name_or_path}; pass a YAML file or one of: {known}")
+    return path
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read config {path}: {first_line}; fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} must be a mapping of sections (model:, data:, ...)")
+    return data
+
+
+def _parse_overrides(overrides: Sequence[str]):
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or " " in key:
+            raise UserError(f"bad override '{item}': write section.key=value, e.g. run.steps=100")
+    return OmegaConf.from_dotlist(list(overrides))
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file (optional) <- dotted overrides, then validated."""
+    schema = OmegaConf.structured(Config)
+    layers = [schema]
+    if path is not None:
+        layers.append(OmegaConf.create(_read_yaml(resolve_config_path(path))))
+    layers.append(_parse_overrides(overrides))
+    try:
+        config = OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
+        if "not in" in msg:
+            section = key.rsplit(".", 1)[0] if "." in key else ""
+            valid = _field_names(section)
+            raise UserError(f"unknown config key '{key}'; valid keys here: {valid}") from None
+        raise UserError(f"bad value for config key '{key}': {msg}") from None
+    validate(config)
+    return config
+
+
+def _field_names(section: str) -> str:
+    sections = {f.name: type(getattr(Config(), f.name)) for f in dataclasses.fields(Config)}
+    return ", ".join(f.name for f in dataclasses.fields(sections.get(section, Config)))
+
+
+def _require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise UserError(f"bad value for config key '{key}': {problem}")
+
+
+def validate(c: Config) -> None:
+    """Checks that need more than one value, or a range, at load time."""
+    m, d, o, r = c.model, c.data, c.optimizer, c.run
+    for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+        _require(getattr(m, key) > 0, f"model.{key}", "must be positive")
+    _require(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 takes the tokenizer's)")
+    _require(m.d_model % m.n_heads == 0, "model.d_model",
+             f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    _require(m.n_heads % m.n_kv_heads == 0, "model.n_kv_heads",
+             f"model.n_heads={m.n_heads} is not a multiple of {m.n_kv_heads}")
+    _require((m.d_model // m.n_heads) % 2 == 0, "model.d_model",
+             "head dimension d_model/n_heads must be even for RoPE")
+    _require(m.dtype in DTYPES, "model.dtype", f"'{m.dtype}' is not one of {DTYPES}")
+    _require(m.remat in REMAT_POLICIES, "model.remat", f"'{m.remat}' is not one of {REMAT_POLICIES}")
+    for key in ("replica", "shard"):
+        size = getattr(c.mesh, key)
+        _require(size == -1 or size > 0, f"mesh.{key}", "must be positive or -1 (the rest)")
+    _require(not (c.mesh.replica == -1 and c.mesh.shard == -1), "mesh.replica",
+             "at most one of mesh.replica and mesh.shard may be -1")
+    _require(c.mesh.num_cpu_devices > 0, "mesh.num_cpu_devices", "must be positive")
+    _require(d.source in DATA_SOURCES, "data.source", f"'{d.source}' is not one of {DATA_SOURCES}")
+    _require(d.source != "files" or len(d.paths) > 0, "data.paths",
+             "data.source=files needs data.paths=[file.txt,...]")
+    _require(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name",
+             "data.source=tfds needs data.tfds_name")
+    _require(d.seq_len > 0, "data.seq_len", "must be positive")
+    _require(d.seq_len <= m.max_seq_len, "data.seq_len",
+             f"{d.seq_len} is longer than model.max_seq_len={m.max_seq_len}; "
+             "shorten data.seq_len or raise model.max_seq_len")
+    _require(d.global_batch_size > 0, "data.global_batch_size", "must be positive")
+    _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be between 0 and 1")
+    _require(d.bpe_vocab_size >= 300, "data.bpe_vocab_size", "must be at least 300")
+    _require(o.lr > 0, "optimizer.lr", "must be positive")
+    _require(o.warmup_steps >= 0 and o.decay_steps >= 0, "optimizer.warmup_steps",
+             "warm-up and decay steps must be >= 0")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", "must be in [0, 1]")
+    _require(o.clip_norm >= 0, "optimizer.clip_norm", "must be >= 0 (0 disables clipping)")
+    _require(c.method.name in METHODS, "method.name", f"'{c.method.name}' is not one of {METHODS}")
+    for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
+                "keep_checkpoints"):
+        _require(getattr(r, key) > 0, f"run.{key}", "must be positive")
+
+
+def to_dict(config: Config) -> dict:
+    """A plain JSON-serialisable dict (stored with checkpoints)."""
+    return dataclasses.asdict(config)

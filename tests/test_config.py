@@ -1,0 +1,58 @@
+"""Config loading: defaults, YAML, overrides, and one-line errors naming the key."""
+
+import pytest
+
+from edit_jax.config import CONFIG_DIR, load_config
+from edit_jax.errors import UserError
+
+
+def test_defaults_are_the_tiny_config():
+    assert load_config() == load_config("tiny")
+
+
+def test_every_bundled_config_loads():
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert {"tiny", "small", "350m", "1b", "3b", "7b"} <= set(names)
+    for name in names:
+        load_config(name)
+
+
+def test_overrides_are_typed_and_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run: {steps: 7}\nmodel: {n_layers: 2}\n")
+    cfg = load_config(str(path), ["run.steps=9", "data.paths=[a.txt,b.jsonl]", "optimizer.lr=0.5"])
+    assert (cfg.run.steps, cfg.model.n_layers, cfg.optimizer.lr) == (9, 2, 0.5)
+    assert cfg.data.paths == ("a.txt", "b.jsonl")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.d_modle=64"], "unknown config key 'model.d_modle'; valid keys here: vocab_size"),
+    (["trian.steps=3"], "unknown config key 'trian'"),
+    (["run.steps=ten"], "bad value for config key 'run.steps'"),
+    (["model.n_kv_heads=3"], "'model.n_kv_heads'"),
+    (["data.seq_len=1024"], "data.seq_len': 1024 is longer than model.max_seq_len=512"),
+    (["mesh.replica=-1", "mesh.shard=-1"], "at most one of mesh.replica and mesh.shard"),
+    (["mesh.shard=0"], "'mesh.shard': must be positive or -1"),
+    (["model.remat=some"], "'model.remat'"),
+    (["method.name=nope"], "'method.name'"),
+    (["data.source=files"], "data.source=files needs data.paths"),
+    (["steps"], "bad override 'steps': write section.key=value"),
+])
+def test_bad_input_is_one_line_naming_the_key(overrides, message):
+    with pytest.raises(UserError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(UserError, match="config file not found: nope.yaml"):
+        load_config("nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: {d_model: [\n")
+    with pytest.raises(UserError, match="cannot read config"):
+        load_config(str(broken))
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(UserError, match="must be a mapping"):
+        load_config(str(scalar))
