@@ -1,0 +1,210 @@
+"""The training loop: data -> sharded step -> metrics, evaluation, checkpoints, progress.
+
+Rerunning the same command resumes from the newest checkpoint in `run.run_dir` (parameters,
+optimizer state, data position). Ctrl-C or SIGTERM finishes the current step, saves a checkpoint
+and exits; a second Ctrl-C stops at once.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from edit_jax import data as data_lib
+from edit_jax.checkpoint import Checkpointer
+from edit_jax.config import Config, to_dict
+from edit_jax.errors import UserError
+from edit_jax.mesh import make_mesh
+from edit_jax.model import abstract_model, count_params, init_model
+from edit_jax.optimizer import inner_optimizer, lr_schedule
+from edit_jax.sharding import is_sharded, shard_dims
+from edit_jax.step import (Layout, TrainState, init_state, make_eval_step, make_layout,
+                           make_train_step, stack_replicas)
+from edit_jax.tokenizer import load_tokenizer
+
+
+def log(message: str) -> None:
+    """Print once per run (from process 0), above any progress bar."""
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+class MetricsLog:
+    """`<run_dir>/metrics.jsonl`: one JSON object per line; rows past a resume point dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        self.enabled = jax.process_index() == 0
+        if self.enabled and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a flag checked between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops now
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop (all processes must save together)."""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _global_batch(layout: Layout, local_rows: np.ndarray, global_rows: int) -> jax.Array:
+    return jax.make_array_from_process_local_data(
+        layout.batch_sharding, local_rows, (global_rows, local_rows.shape[1]))
+
+
+def _restore(ckpt: Checkpointer, step: int, layout: Layout, params_shapes, tx, iterator):
+    """Restore onto this mesh; a different replica count restarts every replica from replica 0."""
+    target = layout.abstract_state(params_shapes, tx)
+    saved = ckpt.saved_state_shapes(step)
+    saved_replicas = jax.tree.leaves(saved["params"])[0].shape[0]
+    if saved_replicas == layout.num_replicas:
+        return ckpt.restore(step, target, data_iterator=iterator)[0]
+    log(f"checkpoint has {saved_replicas} replicas, this mesh {layout.num_replicas}: "
+        "every replica restarts from replica 0's state")
+
+    def unreplicated(t):
+        spec = P(*(None if a == "replica" else a for a in t.sharding.spec))
+        shape = (saved_replicas, *t.shape[1:]) if t.sharding.spec[:1] == ("replica",) else t.shape
+        return jax.ShapeDtypeStruct(shape, t.dtype, sharding=NamedSharding(layout.mesh, spec))
+
+    state = ckpt.restore(step, jax.tree.map(unreplicated, target),
+                         data_iterator=iterator)[0]
+    respread = jax.jit(
+        lambda s: jax.tree.map(lambda x, t: x if x.shape == t.shape else
+                               jax.numpy.broadcast_to(x[0], t.shape), s, target),
+        out_shardings=layout.state_shardings)
+    return respread(state)
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training as configured; returns the final summary."""
+    run_dir = Path(cfg.run.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(cfg.data)
+    vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+    if vocab_size < tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's "
+                        f"{tokenizer.vocab_size}; set model.vocab_size=0 to use the tokenizer's")
+    mesh = make_mesh(cfg.mesh)
+    replicas, shards = mesh.shape["replica"], mesh.shape["shard"]
+    if cfg.data.global_batch_size % (replicas * shards):
+        raise UserError(f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by "
+                        f"replicas x shards = {replicas} x {shards}; use a multiple of "
+                        f"{replicas * shards}")
+
+    graphdef, params_shapes = abstract_model(cfg.model, vocab_size)
+    tx = inner_optimizer(cfg.optimizer, cfg.run.steps,
+                         is_sharded(shard_dims(params_shapes, shards)))
+    layout = make_layout(mesh, params_shapes, tx)
+    log(f"model: {count_params(params_shapes):,} parameters; mesh: {replicas} replicas x "
+        f"{shards} shards on {jax.device_count()} {jax.devices()[0].platform} devices; "
+        f"method: {cfg.method.name}")
+
+    iterator = data_lib.train_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
+                                       process_count=jax.process_count())
+    eval_batches = [_global_batch(layout, rows, cfg.data.global_batch_size)
+                    for rows in data_lib.eval_batches(cfg.data, tokenizer,
+                                                      num_batches=cfg.run.eval_batches,
+                                                      process_index=jax.process_index(),
+                                                      process_count=jax.process_count())]
+    ckpt = Checkpointer(run_dir / "checkpoints", save_every=cfg.run.checkpoint_every,
+                        keep=cfg.run.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        state = _restore(ckpt, start, layout, params_shapes, tx, iterator)
+        log(f"resumed from step {start} in {run_dir}")
+    else:
+        state = init_state(layout, lambda: init_model(cfg.model, vocab_size, cfg.run.seed)[1], tx)
+
+    summary = _loop(cfg, layout, graphdef, tx, state, iterator, eval_batches, ckpt, start,
+                    MetricsLog(run_dir / "metrics.jsonl", start))
+    ckpt.close()
+    return summary
+
+
+def _loop(cfg: Config, layout: Layout, graphdef, tx, state: TrainState, iterator, eval_batches,
+          ckpt: Checkpointer, start: int, metrics: MetricsLog) -> dict:
+    run = cfg.run
+    train_step = make_train_step(graphdef, tx, layout, reduce_over_replica=True)
+    eval_step = make_eval_step(graphdef, layout)
+    schedule = lr_schedule(cfg.optimizer, run.steps)
+    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
+    config_dict = to_dict(cfg)
+
+    def evaluate(step: int) -> float:
+        loss = float(np.mean([float(eval_step(state["params"], b)) for b in eval_batches]))
+        metrics.write({"step": step, "eval_loss": loss})
+        log(f"step {step}: eval loss {loss:.4f}")
+        return loss
+
+    eval_loss = evaluate(0) if start == 0 else None
+    step, interval_start, interval_steps = start, time.perf_counter(), 0
+    bar = tqdm(total=run.steps, initial=start, disable=not run.progress or jax.process_index(),
+               unit="step", dynamic_ncols=True)
+    with StopRequest() as stop:
+        while step < run.steps:
+            batch = _global_batch(layout, next(iterator), cfg.data.global_batch_size)
+            state, step_metrics = train_step(state, batch)
+            step += 1
+            interval_steps += 1
+            bar.update(1)
+            if step % run.log_every == 0 or step == run.steps:
+                loss = float(step_metrics["loss"])  # blocks: the interval's time is now real
+                step_time = (time.perf_counter() - interval_start) / interval_steps
+                metrics.write({"step": step, "loss": loss, "lr": float(schedule(step - 1)),
+                               "tokens": step * tokens_per_step, "step_time": step_time,
+                               "grad_norm": float(step_metrics["grad_norm"])})
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / step_time:,.0f}")
+                interval_start, interval_steps = time.perf_counter(), 0
+            if step % run.eval_every == 0 or step == run.steps:
+                eval_loss = evaluate(step)
+            stopping = stop.agreed()
+            ckpt.save(step, state, config=config_dict, data_iterator=iterator,
+                      force=stopping or step == run.steps)
+            if stopping:
+                ckpt.wait()
+                bar.close()
+                raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved in "
+                                        f"{Path(run.run_dir) / 'checkpoints'}; rerun the same "
+                                        "command to resume")
+    bar.close()
+    ckpt.wait()
+    if eval_loss is None:
+        eval_loss = evaluate(step)
+    summary = {"step": step, "final_eval_loss": eval_loss, "tokens": step * tokens_per_step}
+    log(f"done: {step} steps, {summary['tokens']:,} tokens, final eval loss {eval_loss:.4f}")
+    return summary

@@ -1,0 +1,81 @@
+"""The training program end to end: resume, other meshes, errors, and that it learns."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edit_jax.cli import main
+
+SMALL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+         "model.d_ff=128", "data.seq_len=32", "data.global_batch_size=16", "run.log_every=1",
+         "run.eval_every=4", "run.eval_batches=1", "run.progress=false",
+         "optimizer.warmup_steps=2", "optimizer.decay_steps=8"]
+
+
+def _train(run_dir, *overrides):
+    code = main(["train", *SMALL, f"run.run_dir={run_dir}", *overrides])
+    assert code == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}, rows
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, _ = _train(tmp_path / "a", "run.steps=8", "run.checkpoint_every=100")
+    _train(tmp_path / "b", "run.steps=4", "run.checkpoint_every=4")
+    resumed, rows = _train(tmp_path / "b", "run.steps=8", "run.checkpoint_every=4")
+    assert sorted(resumed) == list(range(1, 9))
+    np.testing.assert_allclose([resumed[s] for s in range(1, 9)],
+                               [straight[s] for s in range(1, 9)], atol=1e-6, rtol=0)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 4, 8]
+
+
+@pytest.mark.parametrize("mesh", [["mesh.replica=4", "mesh.shard=2"],
+                                  ["mesh.replica=1", "mesh.shard=8"]])
+def test_resume_onto_another_mesh_shape(tmp_path, mesh):
+    straight, _ = _train(tmp_path / "a", "run.steps=8", "run.checkpoint_every=100")
+    _train(tmp_path / "b", "run.steps=4", "run.checkpoint_every=4")
+    resumed, _ = _train(tmp_path / "b", "run.steps=8", "run.checkpoint_every=4", *mesh)
+    np.testing.assert_allclose([resumed[s] for s in range(5, 9)],
+                               [straight[s] for s in range(5, 9)], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.d_modle=3"], "unknown config key 'model.d_modle'"),
+    (["mesh.replica=3"], "mesh (3, 4) needs 12 devices but 8 are available"),
+    (["data.global_batch_size=12"], "data.global_batch_size=12 is not divisible by replicas x "
+                                    "shards = 2 x 4"),
+    (["data.seq_len=1024"], "1024 is longer than model.max_seq_len=512"),
+    (["data.source=files", "data.paths=[/no/such/file.txt]"], "/no/such/file.txt"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, overrides, message):
+    assert main(["train", f"run.run_dir={tmp_path}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
+    _train(tmp_path, "run.steps=2", "run.checkpoint_every=2")
+    for path in (tmp_path / "checkpoints" / "2").rglob("*"):
+        if path.is_file() and path.stat().st_size > 0:
+            path.write_bytes(b"\0" * 7)
+    assert main(["train", *SMALL, f"run.run_dir={tmp_path}", "run.steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert "is corrupt or incomplete" in err and err.count("\n") == 1
+
+
+def test_default_command_learns(tmp_path):
+    """`edit-jax train` as a user runs it (the console entry point), shortened to 60 steps."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "edit_jax.cli", "train", f"run.run_dir={tmp_path}",
+         "run.steps=60", "run.eval_every=60", "run.progress=false"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evals = [json.loads(line)["eval_loss"] for line in
+             (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+    assert evals[0] > 5.0  # about ln(257) at initialisation
+    assert evals[-1] < evals[0] - 1.5
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["summary"]["step"] == 60
