@@ -10,8 +10,9 @@ the backward pass re-gathers a layer instead of keeping every gathered layer ali
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,18 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSync:
+    """A step run on each layer's stored params inside the layer scan, before the gather.
+
+    fn(layer_params, layer_state) -> (params to use from now on, per-layer output); `states` is
+    stacked over layers (leading axis L) and scanned with the parameters.
+    """
+
+    fn: Callable[[Params, Any], tuple[Params, Any]]
+    states: Any
 
 
 def no_gather(group: str, params: Params) -> Params:
@@ -134,8 +147,13 @@ class Llama(nnx.Module):
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = _linear(cfg.d_model, vocab_size, cfg.init_std, dtype, rngs)
 
-    def __call__(self, tokens_BxT, gather: GatherFn = no_gather):
-        """Logits (float32) for every position. `gather` turns stored params into usable ones."""
+    def __call__(self, tokens_BxT, gather: GatherFn = no_gather, layer_sync: LayerSync | None = None):
+        """Logits (float32) for every position, and the layer sync's per-layer outputs (or None).
+
+        `gather` turns stored params into usable ones (inside the rematerialised layer body, so
+        the backward pass re-gathers). `layer_sync`, if given, runs in the same scan before each
+        layer is gathered and outside the remat, so its collectives run once per step.
+        """
         embed = _with_gathered(self.embed, "embed", gather)
         final_norm = _with_gathered(self.final_norm, "final_norm", gather)
         lm_head = _with_gathered(self.lm_head, "lm_head", gather)
@@ -143,14 +161,24 @@ class Llama(nnx.Module):
                                self.cfg.rope_theta)
         block_def, stacked_state = nnx.split(self.layers)
 
-        def layer(x_BxTxD, layer_params):
+        def compute(x_BxTxD, layer_params):
             block = nnx.merge(block_def, gather(LAYER_GROUP, layer_params))
-            return block(x_BxTxD, cos, sin), None
+            return block(x_BxTxD, cos, sin)
 
         if self.cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat])
-        x_BxTxD, _ = jax.lax.scan(layer, embed(tokens_BxT), nnx.to_pure_dict(stacked_state))
-        return lm_head(final_norm(x_BxTxD)).astype(jnp.float32)
+            compute = jax.checkpoint(compute, policy=REMAT_POLICIES[self.cfg.remat])
+
+        def layer(x_BxTxD, xs):
+            layer_params, sync_state = xs
+            sync_out = None
+            if layer_sync is not None:
+                layer_params, sync_out = layer_sync.fn(layer_params, sync_state)
+            return compute(x_BxTxD, layer_params), sync_out
+
+        sync_states = None if layer_sync is None else layer_sync.states
+        x_BxTxD, sync_outs = jax.lax.scan(
+            layer, embed(tokens_BxT), (nnx.to_pure_dict(stacked_state), sync_states))
+        return lm_head(final_norm(x_BxTxD)).astype(jnp.float32), sync_outs
 
 
 def _with_gathered(module: nnx.Module, group: str, gather: GatherFn) -> nnx.Module:
@@ -171,11 +199,12 @@ def abstract_model(cfg: ModelConfig, vocab_size: int):
     return graphdef, nnx.to_pure_dict(state)
 
 
-def loss_fn(graphdef, params: Params, tokens_BxT1, gather: GatherFn = no_gather):
-    """Mean next-token cross-entropy over every position of a (B, T+1) token batch."""
-    logits_BxTxV = nnx.merge(graphdef, params)(tokens_BxT1[:, :-1], gather)
+def loss_fn(graphdef, params: Params, tokens_BxT1, gather: GatherFn = no_gather,
+            layer_sync: LayerSync | None = None):
+    """(mean next-token cross-entropy over a (B, T+1) token batch, the layer sync's outputs)."""
+    logits_BxTxV, sync_outs = nnx.merge(graphdef, params)(tokens_BxT1[:, :-1], gather, layer_sync)
     losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, tokens_BxT1[:, 1:])
-    return losses_BxT.mean()
+    return losses_BxT.mean(), sync_outs
 
 
 def count_params(params: Params) -> int:

@@ -99,7 +99,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
         def replica_loss_part(params):
             # Each device's share of its replica's mean loss; the all-gather's transpose sums
             # the shares' gradients over `shard`, giving the gradient of the replica mean.
-            return loss_fn(graphdef, params, tokens_bxT1, gather) / num_shards
+            return loss_fn(graphdef, params, tokens_bxT1, gather)[0] / num_shards
 
         loss_part, grads = jax.value_and_grad(replica_loss_part)(_unstack(state["params"]))
         if reduce_over_replica:
@@ -123,7 +123,7 @@ def make_eval_step(graphdef, layout: Layout):
     gather = make_gather(layout.dims)
 
     def local_eval(params, tokens_bxT1):
-        loss = loss_fn(graphdef, _unstack(params), tokens_bxT1, gather)
+        loss = loss_fn(graphdef, _unstack(params), tokens_bxT1, gather)[0]
         return jax.lax.pmean(loss, ("replica", "shard"))
 
     return jax.jit(jax.shard_map(local_eval, mesh=layout.mesh,

@@ -165,9 +165,10 @@ def _loop(cfg: Config, layout: Layout, graphdef, tx, state: TrainState, iterator
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     config_dict = to_dict(cfg)
 
-    def evaluate(step: int) -> float:
+    def evaluate(step: int, record: bool = True) -> float:
         loss = float(np.mean([float(eval_step(state["params"], b)) for b in eval_batches]))
-        metrics.write({"step": step, "eval_loss": loss})
+        if record:
+            metrics.write({"step": step, "eval_loss": loss})
         log(f"step {step}: eval loss {loss:.4f}")
         return loss
 
@@ -203,8 +204,8 @@ def _loop(cfg: Config, layout: Layout, graphdef, tx, state: TrainState, iterator
                                         "command to resume")
     bar.close()
     ckpt.wait()
-    if eval_loss is None:
-        eval_loss = evaluate(step)
+    if eval_loss is None:  # the run had already finished: report, don't record twice
+        eval_loss = evaluate(step, record=False)
     summary = {"step": step, "final_eval_loss": eval_loss, "tokens": step * tokens_per_step}
     log(f"done: {step} steps, {summary['tokens']:,} tokens, final eval loss {eval_loss:.4f}")
     return summary

@@ -58,8 +58,8 @@ def test_causal_and_parameter_count():
     per_layer = 2 * d + d * 4 * hd + 2 * d * 2 * hd + 4 * hd * d + 3 * d * f
     assert count_params(params) == 2 * V * d + d + L * per_layer
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, V, (2, 10)))
-    logits = nnx.merge(graphdef, params)(tokens)
-    changed = nnx.merge(graphdef, params)(tokens.at[:, 6].set((tokens[:, 6] + 1) % V))
+    logits, _ = nnx.merge(graphdef, params)(tokens)
+    changed, _ = nnx.merge(graphdef, params)(tokens.at[:, 6].set((tokens[:, 6] + 1) % V))
     np.testing.assert_allclose(logits[:, :6], changed[:, :6], atol=1e-6)
     assert not np.allclose(logits[:, 6:], changed[:, 6:])
 
@@ -70,7 +70,7 @@ def test_remat_policies_change_nothing_but_memory(remat):
     results = []
     for policy in ("none", remat):
         graphdef, params = init_model(dataclasses.replace(CFG, remat=policy), 50, 0)
-        results.append(jax.value_and_grad(lambda p: loss_fn(graphdef, p, tokens))(params))
+        results.append(jax.value_and_grad(lambda p: loss_fn(graphdef, p, tokens)[0])(params))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
         np.testing.assert_allclose(a, b, atol=1e-6)
@@ -82,5 +82,5 @@ def test_bfloat16_compute_keeps_float32_params_and_close_loss():
     for dtype in ("float32", "bfloat16"):
         graphdef, params = init_model(dataclasses.replace(CFG, dtype=dtype), 50, 0)
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-        losses.append(float(loss_fn(graphdef, params, tokens)))
+        losses.append(float(loss_fn(graphdef, params, tokens)[0]))
     assert abs(losses[0] - losses[1]) < 2e-2

@@ -35,7 +35,7 @@ def _reference(batches):
                                  weight_decay=OPT.weight_decay, mask=decay_mask))
     opt_state, losses = tx.init(params), []
     for tokens in batches:
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, tokens))(params)
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, tokens)[0])(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         losses.append(float(loss))
@@ -97,4 +97,4 @@ def test_eval_step_is_the_mean_loss():
     state = init_state(layout, lambda: init_model(MODEL, VOCAB, 0)[1], tx)
     loss = make_eval_step(graphdef, layout)(state["params"],
                                             jax.device_put(tokens, layout.batch_sharding))
-    np.testing.assert_allclose(loss, loss_fn(graphdef, params, jnp.asarray(tokens)), atol=1e-5)
+    np.testing.assert_allclose(loss, loss_fn(graphdef, params, jnp.asarray(tokens))[0], atol=1e-5)

@@ -1,0 +1,236 @@
+"""Checkpoints of the sharded train state, the run config and the data position, via Orbax.
+
+Each step directory holds three items: `state` (the arrays, restorable onto any mesh the
+caller's target shardings name), `config` (JSON) and `data` (one grain iterator-state file per
+process). Saves are asynchronous; Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it
+only once every item is complete, so a save cut short by a crash is never taken for a checkpoint.
+Bad or damaged checkpoints become a one-line `UserError`; anything else surfaces as a bug.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import grain
+import grain.checkpoint
+import jax
+import orbax.checkpoint as ocp
+
+from edit_jax.errors import UserError
+
+_CORRUPT_FIX = ("delete that step directory to resume from an earlier one, "
+                "or use a new run.run_dir")
+_MISMATCH_FIX = "use a fresh run.run_dir or the config the checkpoint was saved with"
+# TensorStore reports missing or damaged files as ValueErrors carrying these status codes.
+_STORAGE_STATUS = re.compile(r"^(NOT_FOUND|DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION): ")
+
+
+class Checkpointer:
+    """Saves every `save_every` steps into `directory`, keeping the `keep` newest checkpoints."""
+
+    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int):
+        self.directory = Path(os.path.abspath(directory))
+        self.save_every = save_every
+        if self.directory.exists() and not self.directory.is_dir():
+            raise UserError(f"checkpoint directory {self.directory} is not a directory; "
+                            "remove that file or set run.run_dir to a new path")
+        if self.directory.is_dir() and not os.access(self.directory, os.R_OK | os.W_OK | os.X_OK):
+            raise UserError(f"checkpoint directory {self.directory} is not readable and "
+                            "writable; fix its permissions or set run.run_dir to a new path")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
+        handlers = {"state": ocp.StandardCheckpointHandler(),
+                    "config": ocp.JsonCheckpointHandler(),
+                    "data": grain.checkpoint.CheckpointHandler()}
+        with self._write_errors():
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  item_handlers=handlers)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step (after any pending save finishes), or None."""
+        self.wait()
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, *, config: dict,
+             data_iterator: grain.DatasetIterator | None = None, force: bool = False) -> bool:
+        """Start saving `state` if `step % save_every == 0` or `force`; returns whether it did.
+
+        The arrays are copied off the device before this returns (the caller may donate them);
+        writing continues in the background until `wait()`. An already saved step is skipped.
+        """
+        if not force and step % self.save_every:
+            return False
+        if step in self._manager.all_steps():
+            return False
+        items = {"state": ocp.args.StandardSave(state),
+                 # A copy taken now, so later changes to `config` cannot leak into the save.
+                 "config": ocp.args.JsonSave(json.loads(json.dumps(config)))}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        with self._write_errors():
+            return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, target, *, data_iterator: grain.DatasetIterator | None = None
+                ) -> tuple[Any, dict]:
+        """(state, config) of `step`, laid out as `target`'s ShapeDtypeStructs with shardings.
+
+        The target's mesh may differ from the one saved from; tree structure and shapes must
+        match. `data_iterator`, if given, is moved in place to the saved position.
+        """
+        step_dir = self._step_dir(step)
+        items = {"state": ocp.args.StandardRestore(target), "config": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        _require_items(step_dir, items)
+        if data_iterator is not None:
+            self._check_data_state(step_dir)
+        saved = jax.tree.leaves(self.saved_state_shapes(step, like=target))
+        for (path, t), s in zip(jax.tree_util.tree_flatten_with_path(target)[0], saved):
+            if s.shape != t.shape:
+                raise UserError(f"checkpoint {step_dir} does not match this run: {_name(path)} "
+                                f"has shape {s.shape} in the checkpoint but {t.shape} here; "
+                                f"{_MISMATCH_FIX}")
+        with _read_errors(step_dir):
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], restored["config"]
+
+    def saved_state_shapes(self, step: int, *, like=None):
+        """ShapeDtypeStructs (no shardings) of the state saved at `step`, read from metadata only.
+
+        Orbax's metadata keeps dicts but turns tuples and namedtuples into lists and dicts; with
+        `like` (e.g. the restore target) the result takes `like`'s tree structure instead, so it
+        can be tree-mapped together with it. A structure mismatch raises `UserError`.
+        """
+        step_dir = self._step_dir(step)
+        _require_items(step_dir, ["state"])
+        with _read_errors(step_dir):
+            metadata = self._manager.item_metadata(step)["state"]
+        if metadata is None:
+            raise _corrupt(step_dir, "state/_METADATA is missing")
+        shapes = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata.tree,
+                              is_leaf=lambda x: isinstance(x, ocp.metadata.Metadata))
+        return shapes if like is None else _arrange_like(shapes, like, step_dir)
+
+    def wait(self) -> None:
+        """Block until pending saves are complete on disk."""
+        with self._write_errors():
+            self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release Orbax's resources."""
+        with self._write_errors():
+            self._manager.close()
+
+    def _step_dir(self, step: int) -> Path:
+        step_dir = self.directory / str(step)
+        if not step_dir.is_dir():
+            raise UserError(f"no checkpoint for step {step} in {self.directory}; "
+                            "resume from an existing step or use a new run.run_dir")
+        return step_dir
+
+    def _check_data_state(self, step_dir: Path) -> None:
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # grain's file name
+        if not (step_dir / "data" / name).is_file():
+            raise UserError(f"checkpoint {step_dir} has no data-iterator state for this process "
+                            f"(data/{name} is missing); resume with the number of processes it "
+                            "was saved with, or delete that step directory to resume from an "
+                            "earlier one")
+
+    @contextlib.contextmanager
+    def _write_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            raise UserError(f"cannot write checkpoints in {self.directory} ({_reason(e)}); free "
+                            "disk space, fix permissions or set run.run_dir to a new path") from e
+
+
+def _require_items(step_dir: Path, names) -> None:
+    for name in names:
+        if not (step_dir / name).is_dir():
+            raise _corrupt(step_dir, f"{name}/ is missing")
+
+
+def _corrupt(step_dir: Path, reason: str) -> UserError:
+    return UserError(f"checkpoint {step_dir} is corrupt or incomplete ({reason}); {_CORRUPT_FIX}")
+
+
+@contextlib.contextmanager
+def _read_errors(step_dir: Path) -> Iterator[None]:
+    """Turn the errors Orbax and TensorStore raise for missing or damaged files into UserErrors."""
+    _quiet_stragglers()
+    try:
+        yield
+    except (OSError, json.JSONDecodeError) as e:
+        raise _corrupt(step_dir, _reason(e)) from e
+    except ValueError as e:
+        if not _STORAGE_STATUS.match(str(e)):
+            raise
+        raise _corrupt(step_dir, _reason(e)) from e
+
+
+@functools.cache  # install once
+def _quiet_stragglers() -> None:
+    """Keep the reads a failed read leaves in flight from printing tracebacks of their own.
+
+    When one TensorStore read fails, Orbax stops waiting and closes its event loop. The other
+    reads then end in a TensorStore thread with `RuntimeError('Event loop is closed')` (printed
+    as an ignored exception) or as tasks whose storage error nobody retrieved (logged by
+    asyncio). That can happen before the failure reaches us, so this runs before reading; it
+    drops exactly those two and passes everything else on.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_not_a_storage_error)
+
+
+def _not_a_storage_error(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(error, ValueError) and _STORAGE_STATUS.match(str(error)))
+
+
+def _reason(e: Exception) -> str:
+    """A short one-line cause: TensorStore's innermost message without its spec dump."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"bad JSON: {e.msg}"
+    message = str(e).split(" [tensorstore_spec")[0]
+    status = _STORAGE_STATUS.match(message)
+    if status:
+        message = status.group(1) + ": " + message.rsplit(": ", 1)[-1]
+    message = " ".join(message.split())
+    return message if len(message) <= 200 else message[:197] + "..."
+
+
+def _name(path) -> str:
+    """A key path as Orbax spells it, e.g. `opt_state.1.0.mu.embed`."""
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _arrange_like(saved, like, step_dir: Path):
+    """`saved`'s leaves in `like`'s tree structure, matched by key path name."""
+    by_name = {_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    wanted, treedef = jax.tree_util.tree_flatten_with_path(like)
+    names = [_name(p) for p, _ in wanted]
+    for name, (_, leaf) in zip(names, wanted):
+        if name not in by_name:
+            raise UserError(f"checkpoint {step_dir} does not match this run: {name} (shape "
+                            f"{leaf.shape} here) is not in the checkpoint; {_MISMATCH_FIX}")
+    extra = next((n for n in by_name if n not in set(names)), None)
+    if extra is not None:
+        raise UserError(f"checkpoint {step_dir} does not match this run: the checkpoint has "
+                        f"{extra} (shape {by_name[extra].shape}), which this run lacks; "
+                        f"{_MISMATCH_FIX}")
+    return jax.tree_util.tree_unflatten(treedef, [by_name[n] for n in names])

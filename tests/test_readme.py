@@ -1,0 +1,25 @@
+"""The README stays true: every config key is documented, and CI runs the README's test command."""
+
+import dataclasses
+import re
+from pathlib import Path
+
+from edit_jax.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def test_every_config_key_is_in_the_reference():
+    for section in dataclasses.fields(Config):
+        for field in dataclasses.fields(getattr(Config(), section.name)):
+            assert f"`{section.name}.{field.name}`" in README, f"{section.name}.{field.name}"
+
+
+def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
+    quick_start = README.split("## Quick start", 1)[1].split("##", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", quick_start, re.S).group(1)
+    commands = [line.split("#", 1)[0].strip() for line in block.strip().splitlines()]
+    assert len(commands) == 2
+    assert commands[0].endswith("edit-jax train")
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()
