@@ -21,7 +21,8 @@ from edit_jax.errors import UserError
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
-METHODS = ("ddp",)
+METHODS = ("ddp", "local_sgd", "post_local_sgd", "diloco", "edit")
+NORM_GRANULARITIES = ("global", "layer")
 DATA_SOURCES = ("bundled", "files", "tfds")
 
 
@@ -88,9 +89,28 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
-    """The distributed training method."""
+    """The distributed training method, its sync schedule, outer optimizer and penalty.
 
-    name: str = "ddp"
+    Local methods run `warmup_steps` synchronous (DDP) steps, then sync every `sync_every` local
+    steps. The outer optimizer (SGD with Nesterov momentum) and the shard-over-replica option
+    apply to diloco and edit; the pseudo-gradient penalty (anomaly, weighting, clip) to edit.
+    """
+
+    name: str = "edit"  # ddp | local_sgd | post_local_sgd | diloco | edit
+    sync_every: int = 8  # tau: local steps between syncs
+    warmup_steps: int = 30  # synchronous steps before the first local step
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    anomaly: bool = True  # drop replicas whose pseudo-gradient norm is an outlier (EWMA z-score)
+    weighting: bool = True  # softmax(-norm / temperature) weights instead of a plain mean
+    clip_norm: float = 1.0  # pseudo-gradient clipping per synced unit; 0 = off
+    temperature: float = 1.0
+    anomaly_alpha: float = 0.02
+    anomaly_warmup: int = 120  # syncs before outliers are detected
+    anomaly_threshold: float = 3.0
+    norm_granularity: str = "global"  # global: one norm per replica; layer: per synced unit
+    shard_outer_over_replica: bool = False  # outer state 2P/(R*S) per device instead of 2P/S
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +236,21 @@ def validate(c: Config) -> None:
              "warm-up and decay steps must be >= 0")
     _require(0.0 <= o.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", "must be in [0, 1]")
     _require(o.clip_norm >= 0, "optimizer.clip_norm", "must be >= 0 (0 disables clipping)")
-    _require(c.method.name in METHODS, "method.name", f"'{c.method.name}' is not one of {METHODS}")
+    k = c.method
+    _require(k.name in METHODS, "method.name", f"'{k.name}' is not one of {METHODS}")
+    _require(k.sync_every > 0, "method.sync_every", "must be positive")
+    _require(k.warmup_steps >= 0, "method.warmup_steps", "must be >= 0")
+    _require(k.name != "post_local_sgd" or k.warmup_steps > 0, "method.warmup_steps",
+             "post_local_sgd needs synchronous warm-up steps (> 0); use local_sgd for none")
+    _require(k.outer_lr > 0, "method.outer_lr", "must be positive")
+    _require(0.0 <= k.outer_momentum < 1.0, "method.outer_momentum", "must be in [0, 1)")
+    _require(k.clip_norm >= 0, "method.clip_norm", "must be >= 0 (0 disables clipping)")
+    _require(k.temperature > 0, "method.temperature", "must be positive")
+    _require(0.0 < k.anomaly_alpha <= 1.0, "method.anomaly_alpha", "must be in (0, 1]")
+    _require(k.anomaly_warmup >= 0, "method.anomaly_warmup", "must be >= 0")
+    _require(k.anomaly_threshold > 0, "method.anomaly_threshold", "must be positive")
+    _require(k.norm_granularity in NORM_GRANULARITIES, "method.norm_granularity",
+             f"'{k.norm_granularity}' is not one of {NORM_GRANULARITIES}")
     for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
                 "keep_checkpoints"):
         _require(getattr(r, key) > 0, f"run.{key}", "must be positive")

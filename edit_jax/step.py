@@ -2,9 +2,13 @@
 
 Per device: squeeze the replica dimension, run the forward pass with each layer all-gathered
 over `shard` inside the scan, differentiate (autodiff turns the all-gather into the gradient's
-reduce-scatter), optionally average gradients over `replica`, and apply the inner optimizer to
-the local shard. `reduce_over_replica=True` is DDP/HSDP; the local-SGD methods reuse the same
-step with False, so a plain local step makes no collective over `replica` at all.
+reduce-scatter), and apply the inner optimizer to the local shard. Every method uses this one
+step; they differ in the step kind (methods.py):
+  DDP    gradients are averaged over `replica` (one pmean);
+  LOCAL  no collective over `replica` at all;
+  SYNC   a local step plus the method's sync rule: EDiT's layer-wise sync runs inside the
+         forward pass (the non-layer unit just before it), DiLoCo's outer step and local SGD's
+         averaging run after the inner update.
 """
 
 from __future__ import annotations
@@ -16,12 +20,16 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from edit_jax.model import Params, loss_fn
+from edit_jax.methods import StepKind, SyncRule
+from edit_jax.model import LAYER_GROUP, Params, loss_fn
 from edit_jax.optimizer import sharded_global_norm
 from edit_jax.sharding import (BATCH_SPEC, is_sharded, make_gather, named, optimizer_specs,
                                param_specs, shard_dims)
+from edit_jax.sync import REST, OuterSync, average_replicas, split_units
 
-TrainState = dict  # {'params': replica-stacked params, 'opt_state': inner optax state}
+# {'params': replica-stacked params, 'opt_state': inner optax state, 'outer': OuterState (diloco,
+# edit only)}
+TrainState = dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +56,11 @@ class Layout:
     def batch_sharding(self):
         return jax.sharding.NamedSharding(self.mesh, BATCH_SPEC)
 
-    def abstract_state(self, params_shapes: Params, tx: optax.GradientTransformation):
+    def abstract_state(self, params_shapes: Params, tx: optax.GradientTransformation,
+                       outer: OuterSync | None):
         """ShapeDtypeStructs (with shardings) of the TrainState, for restoring checkpoints."""
-        shapes = jax.eval_shape(
-            lambda p: _fresh_state(stack_replicas(p, self.num_replicas), tx), params_shapes)
+        shapes = jax.eval_shape(lambda p: _fresh_state(p, self.num_replicas, tx, outer),
+                                params_shapes)
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, self.state_shardings)
 
@@ -61,56 +70,115 @@ def stack_replicas(params: Params, num_replicas: int) -> Params:
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_replicas, *x.shape)), params)
 
 
-def _fresh_state(params: Params, tx: optax.GradientTransformation) -> TrainState:
-    return {"params": params, "opt_state": tx.init(params)}
+def _fresh_state(params: Params, num_replicas: int, tx: optax.GradientTransformation,
+                 outer: OuterSync | None) -> TrainState:
+    stacked = stack_replicas(params, num_replicas)
+    state = {"params": stacked, "opt_state": tx.init(stacked)}
+    if outer is not None:
+        state["outer"] = outer.init(params)
+    return state
 
 
-def make_layout(mesh: jax.sharding.Mesh, params_shapes: Params,
-                tx: optax.GradientTransformation) -> Layout:
+def make_layout(mesh: jax.sharding.Mesh, params_shapes: Params, tx: optax.GradientTransformation,
+                outer: OuterSync | None = None) -> Layout:
     dims = shard_dims(params_shapes, mesh.shape["shard"])
     specs = param_specs(params_shapes, dims)
     opt_shapes = jax.eval_shape(lambda p: tx.init(stack_replicas(p, mesh.shape["replica"])),
                                 params_shapes)
-    opt_specs = optimizer_specs(tx, opt_shapes, specs)
-    return Layout(mesh, dims, {"params": specs, "opt_state": opt_specs})
+    state_specs = {"params": specs, "opt_state": optimizer_specs(tx, opt_shapes, specs)}
+    if outer is not None:
+        state_specs["outer"] = outer_specs(outer, params_shapes, specs)
+    return Layout(mesh, dims, state_specs)
 
 
-def init_state(layout: Layout, init_params, tx: optax.GradientTransformation) -> TrainState:
+def outer_specs(outer: OuterSync, params_shapes: Params, specs: Params) -> dict:
+    """phi and outer moments like the parameters minus the replica axis; statistics replicated."""
+    phi_specs = jax.tree.map(lambda s: P(*s[1:]), specs, is_leaf=lambda x: isinstance(x, P))
+    shapes = jax.eval_shape(outer.init, params_shapes)
+    rest_specs, layer_specs = split_units(phi_specs)
+    return {"phi": phi_specs,
+            REST: optimizer_specs(outer.rest_tx, shapes[REST], rest_specs),
+            LAYER_GROUP: optimizer_specs(outer.layer_tx, shapes[LAYER_GROUP], layer_specs)}
+
+
+def init_state(layout: Layout, init_params, tx: optax.GradientTransformation,
+               outer: OuterSync | None = None) -> TrainState:
     """Initialise on device, each device creating only its shards. `init_params()` -> Params."""
+    return jax.jit(lambda: _fresh_state(init_params(), layout.num_replicas, tx, outer),
+                   out_shardings=layout.state_shardings)()
 
-    def init():
-        return _fresh_state(stack_replicas(init_params(), layout.num_replicas), tx)
 
-    return jax.jit(init, out_shardings=layout.state_shardings)()
+def make_begin_local_phase(layout: Layout, outer: OuterSync):
+    """jit: phi <- theta (replica 0; all replicas are equal after synchronous steps), fresh
+    outer optimizer state. Runs when the first local step begins."""
+
+    def begin(state: TrainState) -> TrainState:
+        return {**state, "outer": outer.init(_unstack(state["params"]))}
+
+    return jax.jit(begin, out_shardings=layout.state_shardings, donate_argnums=0)
 
 
 def _unstack(tree):
     return jax.tree.map(lambda x: x[0], tree)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, *,
-                    reduce_over_replica: bool):
+def _stack(tree):
+    return jax.tree.map(lambda x: x[None], tree)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, kind: StepKind,
+                    rule: SyncRule = SyncRule.NONE, outer: OuterSync | None = None):
     """jit(shard_map(step)): (TrainState, tokens (B, T+1)) -> (TrainState, metrics)."""
     gather = make_gather(layout.dims)
     sharded_mask = is_sharded(layout.dims)
     num_shards = layout.num_shards
+    sync_rule = rule if kind is StepKind.SYNC else SyncRule.NONE
+    if sync_rule in (SyncRule.OUTER, SyncRule.LAYERWISE) and outer is None:
+        raise ValueError(f"the {sync_rule.value} sync needs an OuterSync")
 
     def local_step(state: TrainState, tokens_bxT1):
+        outer_state = state.get("outer")
+        theta = _unstack(state["params"])
+        norms = None
+        if sync_rule is SyncRule.LAYERWISE:
+            norms = outer.model_norms(theta, outer_state["phi"])
+
         def replica_loss_part(params):
             # Each device's share of its replica's mean loss; the all-gather's transpose sums
             # the shares' gradients over `shard`, giving the gradient of the replica mean.
-            return loss_fn(graphdef, params, tokens_bxT1, gather)[0] / num_shards
+            layer_sync, rest = None, None
+            if sync_rule is SyncRule.LAYERWISE:
+                params, *rest = outer.sync_rest(params, outer_state, norms)
+                layer_sync = outer.layer_sync(outer_state, norms)
+            loss, layer_outs = loss_fn(graphdef, params, tokens_bxT1, gather, layer_sync)
+            return loss / num_shards, (layer_outs, rest)
 
-        loss_part, grads = jax.value_and_grad(replica_loss_part)(_unstack(state["params"]))
-        if reduce_over_replica:
+        (loss_part, (layer_outs, rest)), grads = jax.value_and_grad(
+            replica_loss_part, has_aux=True)(theta)
+        metrics = {}
+        if sync_rule is SyncRule.LAYERWISE:  # every replica continues from the new phi
+            (layer_phi, layer_state), (rest_phi, rest_state) = layer_outs, rest
+            theta = {**rest_phi, LAYER_GROUP: layer_phi}
+            outer_state = {"phi": theta, REST: rest_state, LAYER_GROUP: layer_state}
+            metrics["sync_weights"] = rest_state.weights
+            metrics["sync_outliers"] = jnp.sum(rest_state.outliers)
+        if kind is StepKind.DDP:
             grads = jax.lax.pmean(grads, "replica")
         grad_norm = sharded_global_norm(grads, sharded_mask)
-        grads = jax.tree.map(lambda g: g[None], grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {"params": optax.apply_updates(state["params"], updates),
-                     "opt_state": opt_state}
-        metrics = {"loss": jax.lax.pmean(jax.lax.psum(loss_part, "shard"), "replica"),
-                   "grad_norm": jax.lax.pmean(grad_norm, "replica")}
+        params = _stack(theta)
+        updates, opt_state = tx.update(_stack(grads), state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        if sync_rule is SyncRule.AVERAGE:
+            params = _stack(average_replicas(_unstack(params)))
+        elif sync_rule is SyncRule.OUTER:
+            phi, outer_state = outer.sync_after_step(_unstack(params), outer_state)
+            params = _stack(phi)
+            metrics["sync_weights"] = outer_state[REST].weights
+        new_state = {"params": params, "opt_state": opt_state}
+        if outer_state is not None:
+            new_state["outer"] = outer_state
+        metrics["loss"] = jax.lax.pmean(jax.lax.psum(loss_part, "shard"), "replica")
+        metrics["grad_norm"] = jax.lax.pmean(grad_norm, "replica")
         return new_state, metrics
 
     step = jax.shard_map(local_step, mesh=layout.mesh, in_specs=(layout.state_specs, BATCH_SPEC),
@@ -119,11 +187,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
 
 
 def make_eval_step(graphdef, layout: Layout):
-    """jit(shard_map): (params, tokens) -> mean loss; each replica scores its rows."""
+    """jit(shard_map): (params, tokens) -> mean loss of the replica-averaged model."""
     gather = make_gather(layout.dims)
 
     def local_eval(params, tokens_bxT1):
-        loss = loss_fn(graphdef, _unstack(params), tokens_bxT1, gather)[0]
+        mean_params = jax.lax.pmean(_unstack(params), "replica")
+        loss = loss_fn(graphdef, mean_params, tokens_bxT1, gather)[0]
         return jax.lax.pmean(loss, ("replica", "shard"))
 
     return jax.jit(jax.shard_map(local_eval, mesh=layout.mesh,

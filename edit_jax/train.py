@@ -23,11 +23,13 @@ from edit_jax.checkpoint import Checkpointer
 from edit_jax.config import Config, to_dict
 from edit_jax.errors import UserError
 from edit_jax.mesh import make_mesh
+from edit_jax.methods import Method, StepKind
 from edit_jax.model import abstract_model, count_params, init_model
 from edit_jax.optimizer import inner_optimizer, lr_schedule
 from edit_jax.sharding import is_sharded, shard_dims
-from edit_jax.step import (Layout, TrainState, init_state, make_eval_step, make_layout,
-                           make_train_step, stack_replicas)
+from edit_jax.step import (Layout, TrainState, init_state, make_begin_local_phase, make_eval_step,
+                           make_layout, make_train_step)
+from edit_jax.sync import OuterSync
 from edit_jax.tokenizer import load_tokenizer
 
 
@@ -86,9 +88,9 @@ def _global_batch(layout: Layout, local_rows: np.ndarray, global_rows: int) -> j
         layout.batch_sharding, local_rows, (global_rows, local_rows.shape[1]))
 
 
-def _restore(ckpt: Checkpointer, step: int, layout: Layout, params_shapes, tx, iterator):
+def _restore(ckpt: Checkpointer, step: int, layout: Layout, params_shapes, tx, outer, iterator):
     """Restore onto this mesh; a different replica count restarts every replica from replica 0."""
-    target = layout.abstract_state(params_shapes, tx)
+    target = layout.abstract_state(params_shapes, tx, outer)
     saved = ckpt.saved_state_shapes(step)
     saved_replicas = jax.tree.leaves(saved["params"])[0].shape[0]
     if saved_replicas == layout.num_replicas:
@@ -127,9 +129,12 @@ def train(cfg: Config) -> dict:
                         f"{replicas * shards}")
 
     graphdef, params_shapes = abstract_model(cfg.model, vocab_size)
-    tx = inner_optimizer(cfg.optimizer, cfg.run.steps,
-                         is_sharded(shard_dims(params_shapes, shards)))
-    layout = make_layout(mesh, params_shapes, tx)
+    sharded_mask = is_sharded(shard_dims(params_shapes, shards))
+    tx = inner_optimizer(cfg.optimizer, cfg.run.steps, sharded_mask)
+    method = Method.from_config(cfg.method)
+    outer = (OuterSync.create(cfg.method, replicas, sharded_mask, penalty=method.name == "edit")
+             if method.has_outer_state else None)
+    layout = make_layout(mesh, params_shapes, tx, outer)
     log(f"model: {count_params(params_shapes):,} parameters; mesh: {replicas} replicas x "
         f"{shards} shards on {jax.device_count()} {jax.devices()[0].platform} devices; "
         f"method: {cfg.method.name}")
@@ -145,21 +150,25 @@ def train(cfg: Config) -> dict:
                         keep=cfg.run.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
-        state = _restore(ckpt, start, layout, params_shapes, tx, iterator)
+        state = _restore(ckpt, start, layout, params_shapes, tx, outer, iterator)
         log(f"resumed from step {start} in {run_dir}")
     else:
-        state = init_state(layout, lambda: init_model(cfg.model, vocab_size, cfg.run.seed)[1], tx)
+        state = init_state(layout, lambda: init_model(cfg.model, vocab_size, cfg.run.seed)[1], tx,
+                           outer)
 
-    summary = _loop(cfg, layout, graphdef, tx, state, iterator, eval_batches, ckpt, start,
-                    MetricsLog(run_dir / "metrics.jsonl", start))
+    summary = _loop(cfg, layout, graphdef, tx, method, outer, state, iterator, eval_batches, ckpt,
+                    start, MetricsLog(run_dir / "metrics.jsonl", start))
     ckpt.close()
     return summary
 
 
-def _loop(cfg: Config, layout: Layout, graphdef, tx, state: TrainState, iterator, eval_batches,
-          ckpt: Checkpointer, start: int, metrics: MetricsLog) -> dict:
+def _loop(cfg: Config, layout: Layout, graphdef, tx, method: Method, outer: OuterSync | None,
+          state: TrainState, iterator, eval_batches, ckpt: Checkpointer, start: int,
+          metrics: MetricsLog) -> dict:
     run = cfg.run
-    train_step = make_train_step(graphdef, tx, layout, reduce_over_replica=True)
+    steps = {kind: make_train_step(graphdef, tx, layout, kind, method.rule, outer)
+             for kind in StepKind}  # each compiles on first use
+    begin_local_phase = make_begin_local_phase(layout, outer) if outer is not None else None
     eval_step = make_eval_step(graphdef, layout)
     schedule = lr_schedule(cfg.optimizer, run.steps)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
@@ -179,7 +188,13 @@ def _loop(cfg: Config, layout: Layout, graphdef, tx, state: TrainState, iterator
     with StopRequest() as stop:
         while step < run.steps:
             batch = _global_batch(layout, next(iterator), cfg.data.global_batch_size)
-            state, step_metrics = train_step(state, batch)
+            if begin_local_phase is not None and method.begins_local_phase(step):
+                state = begin_local_phase(state)
+            kind = method.kind(step)
+            state, step_metrics = steps[kind](state, batch)
+            if kind is StepKind.SYNC and "sync_weights" in step_metrics:
+                metrics.write({"step": step + 1, "sync": True, "weights": np.asarray(
+                    step_metrics["sync_weights"]).round(6).tolist()})
             step += 1
             interval_steps += 1
             bar.update(1)

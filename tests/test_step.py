@@ -10,6 +10,7 @@ import pytest
 
 from edit_jax.config import MeshConfig, ModelConfig, OptimizerConfig
 from edit_jax.mesh import make_mesh
+from edit_jax.methods import StepKind
 from edit_jax.model import abstract_model, init_model, loss_fn
 from edit_jax.optimizer import decay_mask, inner_optimizer, lr_schedule
 from edit_jax.sharding import is_sharded, shard_dims
@@ -42,13 +43,13 @@ def _reference(batches):
     return losses, params
 
 
-def _sharded(mesh_shape, batches, reduce_over_replica):
+def _sharded(mesh_shape, batches, kind):
     mesh = make_mesh(MeshConfig(*mesh_shape))
     graphdef, shapes = abstract_model(MODEL, VOCAB)
     tx = inner_optimizer(OPT, TOTAL, is_sharded(shard_dims(shapes, mesh_shape[1])))
     layout = make_layout(mesh, shapes, tx)
     state = init_state(layout, lambda: init_model(MODEL, VOCAB, 0)[1], tx)
-    step = make_train_step(graphdef, tx, layout, reduce_over_replica=reduce_over_replica)
+    step = make_train_step(graphdef, tx, layout, kind)
     losses = []
     for tokens in batches:
         state, metrics = step(state, jax.device_put(tokens, layout.batch_sharding))
@@ -65,7 +66,7 @@ def _assert_params_close(stacked, replica, reference, tol):
 def test_ddp_step_equals_unsharded_reference(mesh_shape):
     batches = _batches(16)
     ref_losses, ref_params = _reference(batches)
-    losses, state, layout = _sharded(mesh_shape, batches, reduce_over_replica=True)
+    losses, state, layout = _sharded(mesh_shape, batches, StepKind.DDP)
     np.testing.assert_allclose(losses, ref_losses, atol=1e-5, rtol=0)
     for r in range(mesh_shape[0]):
         _assert_params_close(state["params"], r, ref_params, 1e-5)
@@ -78,7 +79,7 @@ def test_ddp_step_equals_unsharded_reference(mesh_shape):
 
 def test_without_replica_reduction_each_replica_trains_on_its_own_rows():
     batches = _batches(16)
-    losses, state, _ = _sharded((2, 4), batches, reduce_over_replica=False)
+    losses, state, _ = _sharded((2, 4), batches, StepKind.LOCAL)
     ref = [_reference([b[8 * r:8 * (r + 1)] for b in batches]) for r in range(2)]
     np.testing.assert_allclose(losses, np.mean([ref[0][0], ref[1][0]], axis=0), atol=1e-5)
     for r in range(2):
@@ -87,7 +88,7 @@ def test_without_replica_reduction_each_replica_trains_on_its_own_rows():
     assert not np.allclose(leaf[0], leaf[1])  # the replicas really drifted apart
 
 
-def test_eval_step_is_the_mean_loss():
+def test_eval_step_scores_the_replica_average():
     graphdef, params = init_model(MODEL, VOCAB, 0)
     tokens = _batches(16)[0]
     mesh = make_mesh(MeshConfig(2, 4))

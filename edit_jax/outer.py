@@ -1,0 +1,261 @@
+"""The outer optimizer: EDiT's pseudo-gradient penalty wrapped around any optax optimizer.
+
+Each replica r holds its pseudo-gradient delta_r = phi - theta_r. A sync gathers the replicas'
+norms, drops anomalous replicas, weights the rest by a softmax of their negative norms, sums the
+weighted deltas with one psum, clips the result and hands it to the outer optimizer (ALGORITHMS.md
+section 3). Code runs per replica under `jax.shard_map` or `jax.vmap(..., axis_name=...)`; the
+axis names are arguments, so the same functions serve both.
+
+The building blocks (`replica_norms`, `penalty_weights`, `combine`, `clip_by_norm`) are public so
+that a layer-wise sync can apply them per layer; `pseudo_gradient_penalty` chains them over the
+whole tree as an `optax.GradientTransformation`. Plain parameter averaging is
+`pseudo_gradient_penalty(..., anomaly=False, weighting=False, clip_norm=0)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from edit_jax.errors import UserError
+from edit_jax.optimizer import sharded_global_norm
+
+
+class AnomalyStats(NamedTuple):
+    """Per-replica exponentially weighted mean and variance of the pseudo-gradient norm."""
+
+    mean: jax.Array  # f32[R]
+    var: jax.Array  # f32[R]
+    count: jax.Array  # i32[], syncs seen
+
+
+class PenaltyState(NamedTuple):
+    """State of `pseudo_gradient_penalty`: statistics, the outer optimizer's state, last sync."""
+
+    stats: AnomalyStats
+    inner_state: optax.OptState
+    weights: jax.Array  # f32[R], the last sync's weights (zeros before the first)
+    outliers: jax.Array  # bool[R], the last sync's excluded replicas
+
+
+def init_anomaly_stats(num_replicas: int) -> AnomalyStats:
+    """Zero statistics for `num_replicas` replicas (the reference code starts at zero too)."""
+    zeros = jnp.zeros((num_replicas,), jnp.float32)
+    return AnomalyStats(mean=zeros, var=zeros, count=jnp.zeros((), jnp.int32))
+
+
+def _norm(tree, shard_axis: str | None, sharded_mask) -> jax.Array:
+    """f32 L2 norm of this device's view of `tree`; psums the sharded leaves over `shard_axis`."""
+    if shard_axis is not None:
+        if sharded_mask is None:
+            sharded_mask = jax.tree.map(lambda _: True, tree)
+        return sharded_global_norm(tree, sharded_mask, shard_axis)
+    squares = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
+    return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
+
+
+def replica_norms(delta, *, replica_axis: str, shard_axis: str | None = None,
+                  sharded_mask=None) -> jax.Array:
+    """Every replica's pseudo-gradient norm, f32[R], identical on every device.
+
+    The gather is a psum of a one-hot vector (built with `where`, so a non-finite norm stays in
+    its own slot): unlike `all_gather`, its result is replica-invariant under `shard_map`.
+
+    Args:
+        delta: this replica's pseudo-gradient (its shard of each leaf under `shard_axis`).
+        replica_axis: the mapped axis over replicas.
+        shard_axis: the axis the masked leaves are split over; None = leaves are whole.
+        sharded_mask: bool tree like `delta`; None with a `shard_axis` = every leaf sharded.
+
+    Returns:
+        f32[R]: entry r is replica r's L2 norm.
+    """
+    norm = _norm(delta, shard_axis, sharded_mask)
+    num_replicas = jax.lax.axis_size(replica_axis)
+    mine = jnp.arange(num_replicas) == jax.lax.axis_index(replica_axis)
+    return jax.lax.psum(jnp.where(mine, norm, 0.0), replica_axis)
+
+
+def penalty_weights(norms: jax.Array, stats: AnomalyStats, *, anomaly: bool = True,
+                    weighting: bool = True, temperature: float = 1.0, alpha: float = 0.02,
+                    anomaly_warmup: int = 120,
+                    threshold: float = 3.0) -> tuple[jax.Array, AnomalyStats, jax.Array]:
+    """Weights, updated statistics and outlier flags from the gathered norms; no collectives.
+
+    A non-finite norm is always an outlier. With `anomaly`, once `stats.count >= anomaly_warmup`,
+    replica r is also an outlier if (n_r - mean_r) / sqrt(var_r) > threshold (never while
+    var_r = 0: there is no scale to judge by yet). Only non-outliers update their statistics, so
+    a spike cannot poison them. With `weighting` the non-outliers get softmax(-n / temperature),
+    otherwise equal weights; all outliers -> all weights zero.
+
+    Args:
+        norms: f32[R] from `replica_norms`.
+        stats: the statistics before this sync.
+        anomaly: flag replicas whose norm is anomalously high.
+        weighting: softmax weights instead of uniform ones.
+        temperature: softmax temperature (raw norms grow with model size).
+        alpha: smoothing factor of the mean and variance.
+        anomaly_warmup: syncs to observe before flagging anything.
+        threshold: the z-score above which a replica is an outlier.
+
+    Returns:
+        (weights f32[R] summing to 1 or all 0, new statistics, outliers bool[R]).
+    """
+    norms = norms.astype(jnp.float32)
+    outliers = ~jnp.isfinite(norms)
+    if anomaly:
+        has_scale = stats.var > 0
+        z = (norms - stats.mean) / jnp.sqrt(jnp.where(has_scale, stats.var, 1.0))
+        flagged = (stats.count >= anomaly_warmup) & has_scale & (z > threshold)
+        outliers = outliers | flagged
+    keep = ~outliers
+
+    d = jnp.where(keep, norms - stats.mean, 0.0)
+    new_stats = AnomalyStats(
+        mean=jnp.where(keep, stats.mean + alpha * d, stats.mean),
+        var=jnp.where(keep, (1 - alpha) * (stats.var + alpha * d * d), stats.var),
+        count=optax.safe_increment(stats.count))
+
+    if weighting:
+        logits = jnp.where(keep, -norms / temperature, -jnp.inf)
+        top = jnp.max(logits)
+        scores = jnp.where(keep, jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+    else:
+        scores = keep.astype(jnp.float32)
+    total = jnp.sum(scores)
+    weights = jnp.where(total > 0, scores / jnp.where(total > 0, total, 1.0), 0.0)
+    return weights, new_stats, outliers
+
+
+def combine(delta, weights: jax.Array, *, replica_axis: str):
+    """sum_r weights[r] * delta_r by one psum over `replica_axis`.
+
+    A replica with weight 0 contributes exact zeros, even if its delta holds NaN or inf.
+
+    Args:
+        delta: this replica's pseudo-gradient.
+        weights: f32[R] from `penalty_weights`, identical on every device.
+        replica_axis: the mapped axis over replicas.
+
+    Returns:
+        The combined pseudo-gradient, identical on every replica, in `delta`'s dtypes.
+    """
+    weight = weights[jax.lax.axis_index(replica_axis)]
+
+    def weighted(x):
+        return jnp.where(weight > 0, weight * x.astype(jnp.float32), 0.0)
+
+    summed = jax.lax.psum(jax.tree.map(weighted, delta), replica_axis)
+    return jax.tree.map(lambda s, x: s.astype(x.dtype), summed, delta)
+
+
+def clip_by_norm(tree, clip_norm: float, *, shard_axis: str | None = None, sharded_mask=None):
+    """tree * min(1, clip_norm / (||tree|| + 1e-6)); `clip_norm` <= 0 returns `tree` as is.
+
+    Args:
+        tree: the tree to clip (its shard of each masked leaf under `shard_axis`).
+        clip_norm: the largest norm let through; <= 0 turns clipping off.
+        shard_axis: the axis the masked leaves are split over; None = leaves are whole.
+        sharded_mask: bool tree like `tree`; None with a `shard_axis` = every leaf sharded.
+
+    Returns:
+        The clipped tree, in `tree`'s dtypes.
+    """
+    if clip_norm <= 0:
+        return tree
+    scale = jnp.minimum(1.0, clip_norm / (_norm(tree, shard_axis, sharded_mask) + 1e-6))
+    return jax.tree.map(lambda x: (x * scale).astype(x.dtype), tree)
+
+
+def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, replica_axis: str,
+                            num_replicas: int, shard_axis: str | None = None, sharded_mask=None,
+                            anomaly: bool = True, weighting: bool = True, clip_norm: float = 1.0,
+                            temperature: float = 1.0, alpha: float = 0.02,
+                            anomaly_warmup: int = 120,
+                            threshold: float = 3.0) -> optax.GradientTransformationExtraArgs:
+    """EDiT's pseudo-gradient penalty around `outer_optimizer`; call it once per replica.
+
+    `update(delta_r, state, params=phi)` takes this replica's delta_r = phi - theta_r, gathers
+    the norms, weights the non-outliers, combines, clips and applies `outer_optimizer` to the
+    result; add the returned updates to phi (with `optax.sgd(lr)`: phi - lr * combined delta).
+    If every replica is an outlier the step is skipped: zero updates, outer state unchanged.
+    `update(..., norms=n)` uses the given f32[R] norms for the outlier test and the weights
+    instead of this delta's own (EDiT's `global` granularity: one norm per replica over the whole
+    model, shared by every layer's sync).
+    With `anomaly=False, weighting=False, clip_norm=0` it is plain parameter averaging (replicas
+    with non-finite deltas are still left out).
+
+    Args:
+        outer_optimizer: the optimizer applied to the combined pseudo-gradient.
+        replica_axis: the mapped axis over replicas (`shard_map` mesh axis or vmap axis name).
+        num_replicas: the size of `replica_axis` (the state holds per-replica statistics).
+        shard_axis: the axis the masked leaves are split over; None = leaves are whole.
+        sharded_mask: bool tree like the params; None with a `shard_axis` = every leaf sharded.
+        anomaly: exclude replicas whose norm z-score exceeds `threshold`.
+        weighting: softmax(-norm / temperature) weights instead of uniform ones.
+        clip_norm: clip the combined pseudo-gradient to this norm; <= 0 turns clipping off.
+        temperature: softmax temperature.
+        alpha: smoothing factor of the norm statistics.
+        anomaly_warmup: syncs to observe before excluding anything.
+        threshold: the z-score above which a replica is an outlier.
+
+    Returns:
+        An `optax.GradientTransformationExtraArgs` whose state is a `PenaltyState`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, optax
+        >>> from edit_jax.outer import pseudo_gradient_penalty
+        >>> tx = pseudo_gradient_penalty(optax.sgd(0.8, momentum=0.5), replica_axis="replica",
+        ...                              num_replicas=4)
+        >>> phi = {"w": jnp.zeros(3)}
+        >>> thetas = {"w": jnp.arange(12.0).reshape(4, 3) / 10}  # one row per replica
+        >>> def sync(theta, state):
+        ...     delta = jax.tree.map(jnp.subtract, phi, theta)
+        ...     updates, state = tx.update(delta, state, phi)
+        ...     return optax.apply_updates(phi, updates), state
+        >>> new_phi, state = jax.vmap(sync, axis_name="replica", in_axes=(0, None),
+        ...                           out_axes=None)(thetas, tx.init(phi))
+        >>> state.weights.shape, bool(jnp.all(jnp.isfinite(new_phi["w"])))
+        ((4,), True)
+    """
+    if num_replicas < 1:
+        raise UserError(f"num_replicas must be at least 1, got {num_replicas}")
+    if temperature <= 0:
+        raise UserError(f"the penalty temperature must be positive, got {temperature}")
+    if not 0 < alpha <= 1:
+        raise UserError(f"the penalty alpha must be in (0, 1], got {alpha}")
+    if anomaly_warmup < 0:
+        raise UserError(f"anomaly_warmup must be non-negative, got {anomaly_warmup}")
+    outer = optax.with_extra_args_support(outer_optimizer)
+
+    def init_fn(params) -> PenaltyState:
+        return PenaltyState(stats=init_anomaly_stats(num_replicas),
+                            inner_state=outer.init(params),
+                            weights=jnp.zeros((num_replicas,), jnp.float32),
+                            outliers=jnp.zeros((num_replicas,), bool))
+
+    def update_fn(updates, state: PenaltyState, params=None, *, norms: jax.Array | None = None,
+                  **extra_args: Any) -> tuple[Any, PenaltyState]:
+        axis_size = jax.lax.axis_size(replica_axis)
+        if axis_size != num_replicas:
+            raise UserError(f"num_replicas is {num_replicas} but axis {replica_axis!r} has "
+                            f"{axis_size} replicas; pass num_replicas={axis_size}")
+        if norms is None:
+            norms = replica_norms(updates, replica_axis=replica_axis, shard_axis=shard_axis,
+                                  sharded_mask=sharded_mask)
+        weights, stats, outliers = penalty_weights(
+            norms, state.stats, anomaly=anomaly, weighting=weighting, temperature=temperature,
+            alpha=alpha, anomaly_warmup=anomaly_warmup, threshold=threshold)
+        combined = combine(updates, weights, replica_axis=replica_axis)
+        combined = clip_by_norm(combined, clip_norm, shard_axis=shard_axis,
+                                sharded_mask=sharded_mask)
+        new_updates, inner_state = outer.update(combined, state.inner_state, params, **extra_args)
+        skip = jnp.all(outliers)
+        new_updates = optax.tree.where(skip, optax.tree.zeros_like(new_updates), new_updates)
+        inner_state = optax.tree.where(skip, state.inner_state, inner_state)
+        return new_updates, PenaltyState(stats, inner_state, weights, outliers)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
