@@ -251,6 +251,12 @@ def validate(c: Config) -> None:
     _require(k.anomaly_threshold > 0, "method.anomaly_threshold", "must be positive")
     _require(k.norm_granularity in NORM_GRANULARITIES, "method.norm_granularity",
              f"'{k.norm_granularity}' is not one of {NORM_GRANULARITIES}")
+    _require(not k.shard_outer_over_replica or k.name in ("diloco", "edit"),
+             "method.shard_outer_over_replica", "only diloco and edit have an outer state")
+    _require(not (k.shard_outer_over_replica and k.name == "edit"
+                  and k.norm_granularity == "global"), "method.norm_granularity",
+             "method.shard_outer_over_replica needs norm_granularity=layer (global norms would "
+             "exchange every parameter a second time); set method.norm_granularity=layer")
     for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
                 "keep_checkpoints"):
         _require(getattr(r, key) > 0, f"run.{key}", "must be positive")

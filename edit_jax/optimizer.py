@@ -21,16 +21,29 @@ def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
         decay_steps=decay_steps, end_value=cfg.lr * cfg.min_lr_ratio)
 
 
+def split_sum_of_squares(tree, split_axes, *, per_row: bool = False) -> jax.Array:
+    """Sum of squares of a tree whose leaves are split over mesh axes (use in shard_map).
+
+    `split_axes` holds, per leaf, the tuple of axis names its pieces are spread over; each group
+    of leaves is summed locally and psummed over its axes once. per_row=True keeps the leading
+    axis: one sum per row (e.g. per replica, for stacked per-replica pieces).
+    """
+    groups: dict[tuple[str, ...], jax.Array] = {}
+    for x, axes in zip(jax.tree.leaves(tree),
+                       jax.tree.leaves(split_axes, is_leaf=lambda a: isinstance(a, tuple))):
+        reduce_axes = tuple(range(1, x.ndim)) if per_row else None
+        sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=reduce_axes)
+        groups[axes] = groups[axes] + sq if axes in groups else sq
+    total = jnp.zeros((), jnp.float32)
+    for axes, sq in groups.items():
+        total = total + (jax.lax.psum(sq, axes) if axes else sq)
+    return total
+
+
 def sharded_global_norm(tree, sharded_mask, axis_name: str = "shard") -> jax.Array:
     """L2 norm of a tree whose masked leaves are split over `axis_name` and the rest whole."""
-    sharded_sq, whole_sq = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
-    for x, sharded in zip(jax.tree.leaves(tree), jax.tree.leaves(sharded_mask)):
-        sq = jnp.sum(jnp.square(x.astype(jnp.float32)))
-        if sharded:
-            sharded_sq += sq
-        else:
-            whole_sq += sq
-    return jnp.sqrt(jax.lax.psum(sharded_sq, axis_name) + whole_sq)
+    split_axes = jax.tree.map(lambda sharded: (axis_name,) if sharded else (), sharded_mask)
+    return jnp.sqrt(split_sum_of_squares(tree, split_axes))
 
 
 def clip_by_sharded_global_norm(max_norm: float, sharded_mask,

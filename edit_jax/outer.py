@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from edit_jax.errors import UserError
-from edit_jax.optimizer import sharded_global_norm
+from edit_jax.optimizer import split_sum_of_squares
 
 
 class AnomalyStats(NamedTuple):
@@ -47,14 +47,46 @@ def init_anomaly_stats(num_replicas: int) -> AnomalyStats:
     return AnomalyStats(mean=zeros, var=zeros, count=jnp.zeros((), jnp.int32))
 
 
-def _norm(tree, shard_axis: str | None, sharded_mask) -> jax.Array:
-    """f32 L2 norm of this device's view of `tree`; psums the sharded leaves over `shard_axis`."""
-    if shard_axis is not None:
-        if sharded_mask is None:
-            sharded_mask = jax.tree.map(lambda _: True, tree)
-        return sharded_global_norm(tree, sharded_mask, shard_axis)
-    squares = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)]
-    return jnp.sqrt(sum(squares, jnp.zeros((), jnp.float32)))
+def _split_axes(tree, shard_axis: str | None, sharded_mask, replica_axis: str | None = None,
+                replica_split_mask=None):
+    """Per leaf, the mesh axes its pieces are spread over (see `split_sum_of_squares`)."""
+    if shard_axis is not None and sharded_mask is None:
+        sharded_mask = jax.tree.map(lambda _: True, tree)
+    if sharded_mask is None:
+        sharded_mask = jax.tree.map(lambda _: False, tree)
+    if replica_split_mask is None:
+        replica_split_mask = jax.tree.map(lambda _: False, tree)
+    return jax.tree.map(lambda s, r: ((shard_axis,) if s else ()) + ((replica_axis,) if r else ()),
+                        sharded_mask, replica_split_mask)
+
+
+def _norm(tree, shard_axis: str | None, sharded_mask, replica_axis: str | None = None,
+          replica_split_mask=None) -> jax.Array:
+    """f32 L2 norm of `tree` from this device's pieces; psums each leaf over the axes it is split
+    over (`shard_axis` for the sharded leaves, `replica_axis` for the replica-split ones)."""
+    axes = _split_axes(tree, shard_axis, sharded_mask, replica_axis, replica_split_mask)
+    return jnp.sqrt(split_sum_of_squares(tree, axes))
+
+
+def stacked_replica_norms(delta_stacked, *, replica_axis: str, shard_axis: str | None = None,
+                          sharded_mask=None, replica_split_mask=None) -> jax.Array:
+    """Every replica's norm, f32[R], from stacked pieces: leaf[r] = replica r's delta piece.
+
+    The stacked layout is the one of an outer state sharded over replicas too: each device holds
+    its 1/R piece of its shard of phi and receives every replica's delta for that piece.
+    """
+    axes = _split_axes(delta_stacked, shard_axis, sharded_mask, replica_axis, replica_split_mask)
+    return jnp.sqrt(split_sum_of_squares(delta_stacked, axes, per_row=True))
+
+
+def stacked_combine(delta_stacked, weights: jax.Array):
+    """sum_r weights[r] * delta_stacked[r], locally; excluded replicas contribute exact zeros."""
+
+    def weighted_sum(x):
+        w = weights.reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.sum(jnp.where(w > 0, w * x.astype(jnp.float32), 0.0), axis=0).astype(x.dtype)
+
+    return jax.tree.map(weighted_sum, delta_stacked)
 
 
 def replica_norms(delta, *, replica_axis: str, shard_axis: str | None = None,
@@ -100,6 +132,11 @@ def penalty_weights(norms: jax.Array, stats: AnomalyStats, *, anomaly: bool = Tr
         alpha: smoothing factor of the mean and variance.
         anomaly_warmup: syncs to observe before flagging anything.
         threshold: the z-score above which a replica is an outlier.
+        replica_split_mask: switches to the stacked layout, for an outer state sharded over
+            replicas too: every leaf of `delta_r` then carries a leading axis of size R with
+            every replica's delta of this device's piece of phi (`params` is that piece), and
+            the mask says which leaves' pieces are split over `replica_axis` (the rest are whole
+            copies on every replica). Norms and the combination are then computed locally.
 
     Returns:
         (weights f32[R] summing to 1 or all 0, new statistics, outliers bool[R]).
@@ -152,7 +189,8 @@ def combine(delta, weights: jax.Array, *, replica_axis: str):
     return jax.tree.map(lambda s, x: s.astype(x.dtype), summed, delta)
 
 
-def clip_by_norm(tree, clip_norm: float, *, shard_axis: str | None = None, sharded_mask=None):
+def clip_by_norm(tree, clip_norm: float, *, shard_axis: str | None = None, sharded_mask=None,
+                 replica_axis: str | None = None, replica_split_mask=None):
     """tree * min(1, clip_norm / (||tree|| + 1e-6)); `clip_norm` <= 0 returns `tree` as is.
 
     Args:
@@ -160,13 +198,15 @@ def clip_by_norm(tree, clip_norm: float, *, shard_axis: str | None = None, shard
         clip_norm: the largest norm let through; <= 0 turns clipping off.
         shard_axis: the axis the masked leaves are split over; None = leaves are whole.
         sharded_mask: bool tree like `tree`; None with a `shard_axis` = every leaf sharded.
+        replica_axis, replica_split_mask: leaves split over replicas too (stacked layout).
 
     Returns:
         The clipped tree, in `tree`'s dtypes.
     """
     if clip_norm <= 0:
         return tree
-    scale = jnp.minimum(1.0, clip_norm / (_norm(tree, shard_axis, sharded_mask) + 1e-6))
+    norm = _norm(tree, shard_axis, sharded_mask, replica_axis, replica_split_mask)
+    scale = jnp.minimum(1.0, clip_norm / (norm + 1e-6))
     return jax.tree.map(lambda x: (x * scale).astype(x.dtype), tree)
 
 
@@ -174,8 +214,8 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
                             num_replicas: int, shard_axis: str | None = None, sharded_mask=None,
                             anomaly: bool = True, weighting: bool = True, clip_norm: float = 1.0,
                             temperature: float = 1.0, alpha: float = 0.02,
-                            anomaly_warmup: int = 120,
-                            threshold: float = 3.0) -> optax.GradientTransformationExtraArgs:
+                            anomaly_warmup: int = 120, threshold: float = 3.0,
+                            replica_split_mask=None) -> optax.GradientTransformationExtraArgs:
     """EDiT's pseudo-gradient penalty around `outer_optimizer`; call it once per replica.
 
     `update(delta_r, state, params=phi)` takes this replica's delta_r = phi - theta_r, gathers
@@ -201,6 +241,11 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
         alpha: smoothing factor of the norm statistics.
         anomaly_warmup: syncs to observe before excluding anything.
         threshold: the z-score above which a replica is an outlier.
+        replica_split_mask: switches to the stacked layout, for an outer state sharded over
+            replicas too: every leaf of `delta_r` then carries a leading axis of size R with
+            every replica's delta of this device's piece of phi (`params` is that piece), and
+            the mask says which leaves' pieces are split over `replica_axis` (the rest are whole
+            copies on every replica). Norms and the combination are then computed locally.
 
     Returns:
         An `optax.GradientTransformationExtraArgs` whose state is a `PenaltyState`.
@@ -230,6 +275,7 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
     if anomaly_warmup < 0:
         raise UserError(f"anomaly_warmup must be non-negative, got {anomaly_warmup}")
     outer = optax.with_extra_args_support(outer_optimizer)
+    stacked = replica_split_mask is not None
 
     def init_fn(params) -> PenaltyState:
         return PenaltyState(stats=init_anomaly_stats(num_replicas),
@@ -243,15 +289,23 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
         if axis_size != num_replicas:
             raise UserError(f"num_replicas is {num_replicas} but axis {replica_axis!r} has "
                             f"{axis_size} replicas; pass num_replicas={axis_size}")
-        if norms is None:
+        if norms is None and stacked:
+            norms = stacked_replica_norms(updates, replica_axis=replica_axis,
+                                          shard_axis=shard_axis, sharded_mask=sharded_mask,
+                                          replica_split_mask=replica_split_mask)
+        elif norms is None:
             norms = replica_norms(updates, replica_axis=replica_axis, shard_axis=shard_axis,
                                   sharded_mask=sharded_mask)
         weights, stats, outliers = penalty_weights(
             norms, state.stats, anomaly=anomaly, weighting=weighting, temperature=temperature,
             alpha=alpha, anomaly_warmup=anomaly_warmup, threshold=threshold)
-        combined = combine(updates, weights, replica_axis=replica_axis)
+        if stacked:
+            combined = stacked_combine(updates, weights)
+        else:
+            combined = combine(updates, weights, replica_axis=replica_axis)
         combined = clip_by_norm(combined, clip_norm, shard_axis=shard_axis,
-                                sharded_mask=sharded_mask)
+                                sharded_mask=sharded_mask, replica_axis=replica_axis,
+                                replica_split_mask=replica_split_mask)
         new_updates, inner_state = outer.update(combined, state.inner_state, params, **extra_args)
         skip = jnp.all(outliers)
         new_updates = optax.tree.where(skip, optax.tree.zeros_like(new_updates), new_updates)

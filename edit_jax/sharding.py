@@ -38,17 +38,50 @@ def shard_dims(params: Params, num_shards: int) -> Params:
             for group, tree in params.items()}
 
 
+def replica_split_dims(params: Params, dims: Params, num_shards: int, num_replicas: int) -> Params:
+    """Per leaf, the dimension of its local shard that an outer state sharded over `replica`
+    splits into R pieces (the shard's own dimension if it divides, else the largest that does),
+    or NOT_SHARDED: the leaf's outer state stays whole on every replica."""
+
+    def pick(group: str, shape: tuple[int, ...], dim: int) -> int:
+        if num_replicas == 1:
+            return NOT_SHARDED
+        local = list(_use_shape(group, shape))
+        if dim != NOT_SHARDED:
+            local[dim] //= num_shards
+        candidates = [d for d, n in enumerate(local) if n % num_replicas == 0]
+        if not candidates:
+            return NOT_SHARDED
+        return dim if dim in candidates else max(candidates, key=lambda d: (local[d], -d))
+
+    return {group: jax.tree.map(lambda x, d, g=group: pick(g, tuple(x.shape), d), tree,
+                                dims[group]) for group, tree in params.items()}
+
+
+def _spec(group: str, shape: tuple[int, ...], dim: int, replica_dim: int, stacked: bool) -> P:
+    axes: list = [None] * len(_use_shape(group, shape))
+    if dim != NOT_SHARDED:
+        axes[dim] = "shard"
+    if replica_dim != NOT_SHARDED:  # the shard's R pieces: index shard * R + replica
+        axes[replica_dim] = ("shard", "replica") if replica_dim == dim else "replica"
+    prefix = (["replica"] if stacked else []) + ([None] if group == LAYER_GROUP else [])
+    return P(*prefix, *axes)
+
+
 def param_specs(params: Params, dims: Params) -> Params:
     """PartitionSpecs of replica-stacked parameters: ('replica', [layer], ..., 'shard' at dim)."""
+    return {group: jax.tree.map(lambda x, d, g=group: _spec(g, tuple(x.shape), d, NOT_SHARDED,
+                                                            True), params[group], dims[group])
+            for group in params}
 
-    def spec(group: str, x, dim: int) -> P:
-        axes = [None] * len(_use_shape(group, tuple(x.shape)))
-        if dim != NOT_SHARDED:
-            axes[dim] = "shard"
-        prefix = ["replica", None] if group == LAYER_GROUP else ["replica"]
-        return P(*prefix, *axes)
 
-    return {group: jax.tree.map(lambda x, d, g=group: spec(g, x, d), params[group], dims[group])
+def outer_param_specs(params: Params, dims: Params, replica_dims: Params | None) -> Params:
+    """PartitionSpecs of phi (and the outer moments): like the parameters without the replica
+    axis, and with each shard further split over `replica` where `replica_dims` says so."""
+    if replica_dims is None:
+        replica_dims = jax.tree.map(lambda _: NOT_SHARDED, dims)
+    return {group: jax.tree.map(lambda x, d, rd, g=group: _spec(g, tuple(x.shape), d, rd, False),
+                                params[group], dims[group], replica_dims[group])
             for group in params}
 
 

@@ -24,8 +24,8 @@ from edit_jax.methods import StepKind, SyncRule
 from edit_jax.model import LAYER_GROUP, Params, loss_fn
 from edit_jax.optimizer import sharded_global_norm
 from edit_jax.sharding import (BATCH_SPEC, is_sharded, make_gather, named, optimizer_specs,
-                               param_specs, shard_dims)
-from edit_jax.sync import REST, OuterSync, average_replicas, split_units
+                               outer_param_specs, param_specs, shard_dims)
+from edit_jax.sync import REST, OuterSync, assemble, average_replicas, split_units
 
 # {'params': replica-stacked params, 'opt_state': inner optax state, 'outer': OuterState (diloco,
 # edit only)}
@@ -87,13 +87,14 @@ def make_layout(mesh: jax.sharding.Mesh, params_shapes: Params, tx: optax.Gradie
                                 params_shapes)
     state_specs = {"params": specs, "opt_state": optimizer_specs(tx, opt_shapes, specs)}
     if outer is not None:
-        state_specs["outer"] = outer_specs(outer, params_shapes, specs)
+        state_specs["outer"] = outer_specs(outer, params_shapes, dims)
     return Layout(mesh, dims, state_specs)
 
 
-def outer_specs(outer: OuterSync, params_shapes: Params, specs: Params) -> dict:
-    """phi and outer moments like the parameters minus the replica axis; statistics replicated."""
-    phi_specs = jax.tree.map(lambda s: P(*s[1:]), specs, is_leaf=lambda x: isinstance(x, P))
+def outer_specs(outer: OuterSync, params_shapes: Params, dims: Params) -> dict:
+    """phi and outer moments like the parameters minus the replica axis (split over `replica`
+    too with shard_outer_over_replica); statistics replicated."""
+    phi_specs = outer_param_specs(params_shapes, dims, outer.replica_dims)
     shapes = jax.eval_shape(outer.init, params_shapes)
     rest_specs, layer_specs = split_units(phi_specs)
     return {"phi": phi_specs,
@@ -148,7 +149,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
             # the shares' gradients over `shard`, giving the gradient of the replica mean.
             layer_sync, rest = None, None
             if sync_rule is SyncRule.LAYERWISE:
-                params, *rest = outer.sync_rest(params, outer_state, norms)
+                params, rest = outer.sync_rest(params, outer_state, norms)
                 layer_sync = outer.layer_sync(outer_state, norms)
             loss, layer_outs = loss_fn(graphdef, params, tokens_bxT1, gather, layer_sync)
             return loss / num_shards, (layer_outs, rest)
@@ -157,11 +158,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
             replica_loss_part, has_aux=True)(theta)
         metrics = {}
         if sync_rule is SyncRule.LAYERWISE:  # every replica continues from the new phi
-            (layer_phi, layer_state), (rest_phi, rest_state) = layer_outs, rest
-            theta = {**rest_phi, LAYER_GROUP: layer_phi}
-            outer_state = {"phi": theta, REST: rest_state, LAYER_GROUP: layer_state}
-            metrics["sync_weights"] = rest_state.weights
-            metrics["sync_outliers"] = jnp.sum(rest_state.outliers)
+            theta, outer_state = assemble(rest, layer_outs)
+            metrics["sync_weights"] = outer_state[REST].weights
+            metrics["sync_outliers"] = jnp.sum(outer_state[REST].outliers)
         if kind is StepKind.DDP:
             grads = jax.lax.pmean(grads, "replica")
         grad_norm = sharded_global_norm(grads, sharded_mask)
@@ -171,8 +170,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
         if sync_rule is SyncRule.AVERAGE:
             params = _stack(average_replicas(_unstack(params)))
         elif sync_rule is SyncRule.OUTER:
-            phi, outer_state = outer.sync_after_step(_unstack(params), outer_state)
-            params = _stack(phi)
+            theta, outer_state = outer.sync_after_step(_unstack(params), outer_state)
+            params = _stack(theta)
             metrics["sync_weights"] = outer_state[REST].weights
         new_state = {"params": params, "opt_state": opt_state}
         if outer_state is not None:

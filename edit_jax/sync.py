@@ -16,7 +16,6 @@ granularity each unit uses the norms of its own pseudo-gradient.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ import optax
 from edit_jax.config import MethodConfig
 from edit_jax.model import LAYER_GROUP, LayerSync, Params
 from edit_jax.outer import pseudo_gradient_penalty, replica_norms
+from edit_jax.sharding import NOT_SHARDED
 
 REST = "rest"  # the unit of all non-layer parameters
 OuterState = dict  # {'phi': Params, 'rest': PenaltyState, 'layers': PenaltyState stacked over L}
@@ -48,33 +48,64 @@ def _use_value(x: Params, value: Params) -> Params:
     return jax.tree.map(one, x, value)
 
 
+def _to_pieces(x: jax.Array, replica_dim: int, num_replicas: int) -> jax.Array:
+    """(R, piece): every replica's copy of this device's piece of its shard `x`, via one
+    all-to-all over `replica`; a leaf kept whole is gathered (psum of one-hot rows, so the
+    result is typed replica-invariant; such leaves are small)."""
+    if replica_dim == NOT_SHARDED:
+        mine = jnp.arange(num_replicas) == jax.lax.axis_index("replica")
+        rows = jnp.where(mine.reshape((-1,) + (1,) * x.ndim), x[None], jnp.zeros_like(x)[None])
+        return jax.lax.psum(rows, "replica")
+    chunks = jnp.stack(jnp.split(x, num_replicas, axis=replica_dim))
+    return jax.lax.all_to_all(chunks, "replica", 0, 0, tiled=True)
+
+
+def _from_piece(piece: jax.Array, replica_dim: int) -> jax.Array:
+    """This replica's whole shard, from the pieces of every replica (all-gather over `replica`)."""
+    if replica_dim == NOT_SHARDED:
+        return piece
+    return jax.lax.all_gather(piece, "replica", axis=replica_dim, tiled=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class OuterSync:
-    """The outer optimizer of diloco and edit, applied per synced unit on local shards."""
+    """The outer optimizer of diloco and edit, applied per synced unit on local shards.
+
+    With `replica_dims` (method.shard_outer_over_replica) phi and the outer moments are split
+    over `replica` too: a sync exchanges the shards' pieces by all-to-all, combines them where
+    the piece lives, and all-gathers the new phi back: the bytes of an all-reduce, with 1/R of
+    the outer state per device.
+    """
 
     rest_tx: optax.GradientTransformationExtraArgs
     layer_tx: optax.GradientTransformationExtraArgs
     global_norms: bool  # one norm per replica over the whole model (else per unit)
     sharded_mask: Params  # per parameter: split over `shard`?
+    num_replicas: int
+    replica_dims: Params | None  # per parameter: the shard dimension split over `replica`
 
     @classmethod
-    def create(cls, cfg: MethodConfig, num_replicas: int, sharded_mask: Params,
-               penalty: bool) -> OuterSync:
+    def create(cls, cfg: MethodConfig, num_replicas: int, sharded_mask: Params, penalty: bool,
+               replica_dims: Params | None = None) -> OuterSync:
         """penalty=False: plain averaging of pseudo-gradients (DiLoCo)."""
         sgd = optax.sgd(cfg.outer_lr, momentum=cfg.outer_momentum or None,
                         nesterov=cfg.nesterov and cfg.outer_momentum > 0)
         rest_mask, layer_mask = split_units(sharded_mask)
+        split_masks = (split_units(jax.tree.map(lambda d: d != NOT_SHARDED, replica_dims))
+                       if replica_dims is not None else (None, None))
 
-        def make(mask):
+        def make(mask, split_mask):
             return pseudo_gradient_penalty(
                 sgd, replica_axis="replica", num_replicas=num_replicas, shard_axis="shard",
                 sharded_mask=mask, anomaly=penalty and cfg.anomaly,
                 weighting=penalty and cfg.weighting, clip_norm=cfg.clip_norm if penalty else 0.0,
                 temperature=cfg.temperature, alpha=cfg.anomaly_alpha,
-                anomaly_warmup=cfg.anomaly_warmup, threshold=cfg.anomaly_threshold)
+                anomaly_warmup=cfg.anomaly_warmup, threshold=cfg.anomaly_threshold,
+                replica_split_mask=split_mask)
 
-        return cls(make(rest_mask), make(layer_mask),
-                   penalty and cfg.norm_granularity == "global", sharded_mask)
+        return cls(make(rest_mask, split_masks[0]), make(layer_mask, split_masks[1]),
+                   penalty and cfg.norm_granularity == "global", sharded_mask, num_replicas,
+                   replica_dims)
 
     def init(self, phi: Params) -> OuterState:
         rest, layers = split_units(phi)
@@ -89,38 +120,56 @@ class OuterSync:
         return replica_norms(delta, replica_axis="replica", shard_axis="shard",
                              sharded_mask=self.sharded_mask)
 
-    def sync_unit(self, tx, theta: Params, phi: Params, state, norms) -> tuple[Params, Any]:
-        """(new phi, new outer state) of one unit, from this replica's shard theta."""
-        delta = jax.tree.map(jnp.subtract, phi, theta)
+    def sync_unit(self, tx, theta: Params, phi: Params, state, norms, replica_dims):
+        """(new theta, new phi, new outer state) of one unit, from this replica's shard theta."""
+        if replica_dims is None:
+            delta = jax.tree.map(jnp.subtract, phi, theta)
+        else:
+            delta = jax.tree.map(lambda p, t, d: p[None] - _to_pieces(t, d, self.num_replicas),
+                                 phi, theta, replica_dims)
         updates, state = tx.update(delta, state, phi, norms=norms)
-        return optax.apply_updates(phi, updates), state
+        phi = optax.apply_updates(phi, updates)
+        new_theta = phi if replica_dims is None else jax.tree.map(_from_piece, phi, replica_dims)
+        return new_theta, phi, state
+
+    def _unit_dims(self):
+        return (None, None) if self.replica_dims is None else split_units(self.replica_dims)
 
     def sync_rest(self, theta: Params, outer: OuterState, norms):
-        """Sync the non-layer unit; returns (params to use, new rest phi, new rest state)."""
+        """Sync the non-layer unit: (params to use, (new theta, new phi, new state) of it)."""
         rest_theta, _ = split_units(theta)
         rest_phi, _ = split_units(outer["phi"])
-        new_phi, new_state = self.sync_unit(self.rest_tx, rest_theta, rest_phi, outer[REST], norms)
-        return {**theta, **_use_value(rest_theta, new_phi)}, new_phi, new_state
+        synced = self.sync_unit(self.rest_tx, rest_theta, rest_phi, outer[REST], norms,
+                                self._unit_dims()[0])
+        return {**theta, **_use_value(rest_theta, synced[0])}, synced
 
     def layer_sync(self, outer: OuterState, norms) -> LayerSync:
-        """The per-layer sync run inside the model's layer scan (EDiT)."""
+        """The per-layer sync run inside the model's layer scan (EDiT); per-layer outputs are
+        (new theta, new phi, new outer state)."""
+        layer_dims = self._unit_dims()[1]
 
         def fn(theta_l: Params, xs):
             phi_l, state_l = xs
-            new_phi_l, new_state_l = self.sync_unit(self.layer_tx, theta_l, phi_l, state_l, norms)
-            return _use_value(theta_l, new_phi_l), (new_phi_l, new_state_l)
+            synced = self.sync_unit(self.layer_tx, theta_l, phi_l, state_l, norms, layer_dims)
+            return _use_value(theta_l, synced[0]), synced
 
         return LayerSync(fn, (outer["phi"][LAYER_GROUP], outer[LAYER_GROUP]))
 
     def sync_after_step(self, theta: Params, outer: OuterState) -> tuple[Params, OuterState]:
-        """DiLoCo: every unit at once after the inner step; returns (new theta = phi, outer)."""
+        """DiLoCo: every unit at once after the inner step; returns (new theta, outer)."""
         norms = self.model_norms(theta, outer["phi"])
-        _, rest_phi, rest_state = self.sync_rest(theta, outer, norms)
-        layer_phi, layer_state = jax.vmap(
-            lambda t, p, s: self.sync_unit(self.layer_tx, t, p, s, norms))(
+        _, rest = self.sync_rest(theta, outer, norms)
+        layers = jax.vmap(
+            lambda t, p, s: self.sync_unit(self.layer_tx, t, p, s, norms, self._unit_dims()[1]))(
                 theta[LAYER_GROUP], outer["phi"][LAYER_GROUP], outer[LAYER_GROUP])
-        phi = {**rest_phi, LAYER_GROUP: layer_phi}
-        return phi, {"phi": phi, REST: rest_state, LAYER_GROUP: layer_state}
+        return assemble(rest, layers)
+
+
+def assemble(rest, layers) -> tuple[Params, OuterState]:
+    """(theta, outer state) from the (new theta, new phi, new state) of both units."""
+    theta = {**rest[0], LAYER_GROUP: layers[0]}
+    phi = {**rest[1], LAYER_GROUP: layers[1]}
+    return theta, {"phi": phi, REST: rest[2], LAYER_GROUP: layers[2]}
 
 
 def average_replicas(theta: Params) -> Params:

@@ -22,14 +22,10 @@ from edit_jax import data as data_lib
 from edit_jax.checkpoint import Checkpointer
 from edit_jax.config import Config, to_dict
 from edit_jax.errors import UserError
-from edit_jax.mesh import make_mesh
-from edit_jax.methods import Method, StepKind
-from edit_jax.model import abstract_model, count_params, init_model
-from edit_jax.optimizer import inner_optimizer, lr_schedule
-from edit_jax.sharding import is_sharded, shard_dims
-from edit_jax.step import (Layout, TrainState, init_state, make_begin_local_phase, make_eval_step,
-                           make_layout, make_train_step)
-from edit_jax.sync import OuterSync
+from edit_jax.methods import StepKind
+from edit_jax.optimizer import lr_schedule
+from edit_jax.program import Program, build_program
+from edit_jax.step import Layout, TrainState
 from edit_jax.tokenizer import load_tokenizer
 
 
@@ -88,9 +84,10 @@ def _global_batch(layout: Layout, local_rows: np.ndarray, global_rows: int) -> j
         layout.batch_sharding, local_rows, (global_rows, local_rows.shape[1]))
 
 
-def _restore(ckpt: Checkpointer, step: int, layout: Layout, params_shapes, tx, outer, iterator):
+def _restore(ckpt: Checkpointer, step: int, program: Program, iterator):
     """Restore onto this mesh; a different replica count restarts every replica from replica 0."""
-    target = layout.abstract_state(params_shapes, tx, outer)
+    layout = program.layout
+    target = program.abstract_state()
     saved = ckpt.saved_state_shapes(step)
     saved_replicas = jax.tree.leaves(saved["params"])[0].shape[0]
     if saved_replicas == layout.num_replicas:
@@ -121,23 +118,9 @@ def train(cfg: Config) -> dict:
     if vocab_size < tokenizer.vocab_size:
         raise UserError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's "
                         f"{tokenizer.vocab_size}; set model.vocab_size=0 to use the tokenizer's")
-    mesh = make_mesh(cfg.mesh)
-    replicas, shards = mesh.shape["replica"], mesh.shape["shard"]
-    if cfg.data.global_batch_size % (replicas * shards):
-        raise UserError(f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by "
-                        f"replicas x shards = {replicas} x {shards}; use a multiple of "
-                        f"{replicas * shards}")
-
-    graphdef, params_shapes = abstract_model(cfg.model, vocab_size)
-    sharded_mask = is_sharded(shard_dims(params_shapes, shards))
-    tx = inner_optimizer(cfg.optimizer, cfg.run.steps, sharded_mask)
-    method = Method.from_config(cfg.method)
-    outer = (OuterSync.create(cfg.method, replicas, sharded_mask, penalty=method.name == "edit")
-             if method.has_outer_state else None)
-    layout = make_layout(mesh, params_shapes, tx, outer)
-    log(f"model: {count_params(params_shapes):,} parameters; mesh: {replicas} replicas x "
-        f"{shards} shards on {jax.device_count()} {jax.devices()[0].platform} devices; "
-        f"method: {cfg.method.name}")
+    program = build_program(cfg, vocab_size)
+    layout = program.layout
+    log(program.describe())
 
     iterator = data_lib.train_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
                                        process_count=jax.process_count())
@@ -150,26 +133,20 @@ def train(cfg: Config) -> dict:
                         keep=cfg.run.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
-        state = _restore(ckpt, start, layout, params_shapes, tx, outer, iterator)
+        state = _restore(ckpt, start, program, iterator)
         log(f"resumed from step {start} in {run_dir}")
     else:
-        state = init_state(layout, lambda: init_model(cfg.model, vocab_size, cfg.run.seed)[1], tx,
-                           outer)
+        state = program.init_state()
 
-    summary = _loop(cfg, layout, graphdef, tx, method, outer, state, iterator, eval_batches, ckpt,
-                    start, MetricsLog(run_dir / "metrics.jsonl", start))
+    summary = _loop(program, state, iterator, eval_batches, ckpt, start,
+                    MetricsLog(run_dir / "metrics.jsonl", start))
     ckpt.close()
     return summary
 
 
-def _loop(cfg: Config, layout: Layout, graphdef, tx, method: Method, outer: OuterSync | None,
-          state: TrainState, iterator, eval_batches, ckpt: Checkpointer, start: int,
-          metrics: MetricsLog) -> dict:
-    run = cfg.run
-    steps = {kind: make_train_step(graphdef, tx, layout, kind, method.rule, outer)
-             for kind in StepKind}  # each compiles on first use
-    begin_local_phase = make_begin_local_phase(layout, outer) if outer is not None else None
-    eval_step = make_eval_step(graphdef, layout)
+def _loop(program: Program, state: TrainState, iterator, eval_batches, ckpt: Checkpointer,
+          start: int, metrics: MetricsLog) -> dict:
+    cfg, run, layout, eval_step = program.cfg, program.cfg.run, program.layout, program.eval_step
     schedule = lr_schedule(cfg.optimizer, run.steps)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     config_dict = to_dict(cfg)
@@ -188,10 +165,7 @@ def _loop(cfg: Config, layout: Layout, graphdef, tx, method: Method, outer: Oute
     with StopRequest() as stop:
         while step < run.steps:
             batch = _global_batch(layout, next(iterator), cfg.data.global_batch_size)
-            if begin_local_phase is not None and method.begins_local_phase(step):
-                state = begin_local_phase(state)
-            kind = method.kind(step)
-            state, step_metrics = steps[kind](state, batch)
+            state, step_metrics, kind = program.step(state, step, batch)
             if kind is StepKind.SYNC and "sync_weights" in step_metrics:
                 metrics.write({"step": step + 1, "sync": True, "weights": np.asarray(
                     step_metrics["sync_weights"]).round(6).tolist()})

@@ -1,0 +1,256 @@
+"""EDiT, DiLoCo and local SGD on the (2, 4) mesh against a reference computed replica by replica.
+
+The reference trains each replica alone on one device (plain JAX + plain optax AdamW) and does
+the sync in numpy, following ALGORITHMS.md section 3 for every synced unit (each layer, and the
+non-layer parameters together): delta_r = phi - theta_r, anomaly test on EWMA statistics,
+softmax weights, weighted sum, clipping, SGD with Nesterov momentum, theta_r <- phi.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from edit_jax.config import Config, MeshConfig, MethodConfig, ModelConfig, OptimizerConfig, RunConfig
+from edit_jax.methods import StepKind
+from edit_jax.model import init_model, loss_fn
+from edit_jax.optimizer import decay_mask, lr_schedule
+from edit_jax.program import build_program
+
+MODEL = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64)
+OPT = OptimizerConfig(lr=1e-2, warmup_steps=1, eps=1e-4, clip_norm=0.5)  # eps: see test_step.py
+VOCAB, ROWS, R, STEPS = 61, 16, 2, 11
+# W=2 warm-up steps, tau=3: syncs at the start of steps 5 and 8 (and the DiLoCo-style
+# after-step sync at the end of steps 4, 7, 10 for the other rules).
+EDIT = MethodConfig(name="edit", warmup_steps=2, sync_every=3, outer_lr=0.7, outer_momentum=0.9,
+                    anomaly=True, anomaly_warmup=1, anomaly_threshold=3.0, weighting=True,
+                    temperature=0.05, clip_norm=0.05, norm_granularity="global")
+
+
+def _config(method: MethodConfig) -> Config:
+    return Config(model=MODEL, mesh=MeshConfig(R, 4), optimizer=OPT, method=method,
+                  run=RunConfig(steps=STEPS))
+
+
+def _batches():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, VOCAB, (ROWS, 17)).astype(np.int32) for _ in range(STEPS)]
+
+
+def _run_ours(method: MethodConfig):
+    program = build_program(_config(method), VOCAB)
+    state, losses = program.init_state(), []
+    for t, batch in enumerate(_batches()):
+        state, metrics, _ = program.step(state, t, jax.device_put(batch, program.layout.batch_sharding))
+        losses.append(float(metrics["loss"]))
+    return losses, state
+
+
+# ----------------------------------------------------------------------------- the reference
+
+
+def _units(params):
+    """Synced units as lists of (path, numpy array) views: the non-layer params, then each layer."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    rest = [(p, np.asarray(x, np.float64)) for p, x in flat if p[0].key != "layers"]
+    layers = [[(p, np.asarray(x, np.float64)[l]) for p, x in flat if p[0].key == "layers"]
+              for l in range(MODEL.n_layers)]
+    return [rest] + layers
+
+
+def _unit_arrays(params):
+    return [[a for _, a in unit] for unit in _units(params)]
+
+
+def _set_units(params, units):
+    """params with every unit's arrays replaced."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    rest, layers = units[0], units[1:]
+    leaves, i_rest, i_layer = [], 0, 0
+    for path, x in flat:
+        if path[0].key == "layers":
+            leaves.append(np.stack([layers[l][i_layer] for l in range(MODEL.n_layers)])
+                          .astype(np.float32))
+            i_layer += 1
+        else:
+            leaves.append(rest[i_rest].astype(np.float32))
+            i_rest += 1
+    return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in leaves])
+
+
+class ReferenceSync:
+    """ALGORITHMS.md section 3, c-f, per unit, in numpy float64."""
+
+    def __init__(self, method: MethodConfig, phi_units, penalty: bool):
+        self.m, self.penalty = method, penalty
+        self.phi = [[a.copy() for a in unit] for unit in phi_units]
+        self.momentum = [[np.zeros_like(a) for a in unit] for unit in phi_units]
+        self.mean = [np.zeros(R) for _ in phi_units]
+        self.var = [np.zeros(R) for _ in phi_units]
+        self.count = [0 for _ in phi_units]
+        self.weights_log, self.outliers_log = [], []
+
+    def _weights(self, u, norms):
+        m = self.m
+        outlier = ~np.isfinite(norms)
+        if self.penalty and m.anomaly and self.count[u] >= m.anomaly_warmup:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = (norms - self.mean[u]) / np.sqrt(self.var[u])
+            outlier |= (self.var[u] > 0) & (z > m.anomaly_threshold)
+        keep = ~outlier
+        d = np.where(keep, norms - self.mean[u], 0.0)
+        self.mean[u] = self.mean[u] + m.anomaly_alpha * d
+        self.var[u] = np.where(keep, (1 - m.anomaly_alpha) * (self.var[u] + m.anomaly_alpha * d * d),
+                               self.var[u])
+        self.count[u] += 1
+        self.outliers_log.append(outlier)
+        if not keep.any():
+            return np.zeros(R)
+        if self.penalty and m.weighting:
+            logits = np.where(keep, -norms / m.temperature, -np.inf)
+            w = np.exp(logits - logits[keep].max())
+        else:
+            w = keep.astype(np.float64)
+        return w / w.sum()
+
+    def sync(self, thetas_units):
+        """thetas_units[r][u] = list of arrays; returns the new phi units (theta_r <- phi)."""
+        deltas = [[[p - t for p, t in zip(self.phi[u], thetas_units[r][u])]
+                   for u in range(len(self.phi))] for r in range(R)]
+        global_norms = np.array([np.sqrt(sum(np.sum(x ** 2) for unit in deltas[r] for x in unit))
+                                 for r in range(R)])
+        m = self.m
+        for u in range(len(self.phi)):
+            if self.penalty and m.norm_granularity == "layer":
+                norms = np.array([np.sqrt(sum(np.sum(x ** 2) for x in deltas[r][u]))
+                                  for r in range(R)])
+            else:
+                norms = global_norms
+            w = self._weights(u, norms)
+            self.weights_log.append(w)
+            if not w.any():  # every replica is an outlier: skip the outer step
+                continue
+            combined = [sum(w[r] * deltas[r][u][i] for r in range(R))
+                        for i in range(len(self.phi[u]))]
+            if self.penalty and m.clip_norm > 0:
+                norm = np.sqrt(sum(np.sum(c ** 2) for c in combined))
+                combined = [c * min(1.0, m.clip_norm / (norm + 1e-6)) for c in combined]
+            for i, g in enumerate(combined):  # optax.sgd(lr, momentum, nesterov=True)
+                self.momentum[u][i] = g + m.outer_momentum * self.momentum[u][i]
+                step = g + m.outer_momentum * self.momentum[u][i] if m.nesterov else \
+                    self.momentum[u][i]
+                self.phi[u][i] = self.phi[u][i] - m.outer_lr * step
+        return self.phi
+
+
+def _run_reference(method: MethodConfig, penalty: bool, rule: str):
+    graphdef, params0 = init_model(MODEL, VOCAB, 0)
+    tx = optax.chain(optax.clip_by_global_norm(OPT.clip_norm),
+                     optax.adamw(lr_schedule(OPT, STEPS), b1=OPT.b1, b2=OPT.b2, eps=OPT.eps,
+                                 weight_decay=OPT.weight_decay, mask=decay_mask))
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, t: loss_fn(graphdef, p, t)[0]))
+    thetas = [params0, params0]
+    opt_states = [tx.init(params0) for _ in range(R)]
+    outer, losses = None, []
+    W, tau = method.warmup_steps, method.sync_every
+    for t, batch in enumerate(_batches()):
+        rows = [batch[8 * r:8 * (r + 1)] for r in range(R)]
+        if t == W and rule != "average":
+            outer = ReferenceSync(method, _unit_arrays(thetas[0]), penalty)
+        if rule == "layerwise" and t > W and (t - W) % tau == 0:
+            phi = outer.sync([_unit_arrays(th) for th in thetas])
+            thetas = [_set_units(thetas[r], phi) for r in range(R)]
+        results = [grad_fn(thetas[r], rows[r]) for r in range(R)]
+        grads = [g for _, g in results]
+        if t < W:
+            mean_grad = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+            grads = [mean_grad, mean_grad]
+        for r in range(R):
+            updates, opt_states[r] = tx.update(grads[r], opt_states[r], thetas[r])
+            thetas[r] = optax.apply_updates(thetas[r], updates)
+        losses.append(float(np.mean([loss for loss, _ in results])))
+        if t >= W and (t + 1 - W) % tau == 0 and rule in ("outer", "average"):
+            if rule == "outer":
+                phi = outer.sync([_unit_arrays(th) for th in thetas])
+                thetas = [_set_units(thetas[r], phi) for r in range(R)]
+            else:
+                mean = jax.tree.map(lambda a, b: (a + b) / 2, *thetas)
+                thetas = [mean, mean]
+    return losses, thetas, outer
+
+
+def _assert_replicas_equal(state, thetas, atol):
+    for r in range(R):
+        for ours, ref in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(thetas[r])):
+            np.testing.assert_allclose(np.asarray(ours)[r], np.asarray(ref), atol=atol, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the tests
+
+
+WEIGHTING = dataclasses.replace(EDIT, anomaly_threshold=6.0)  # nobody flagged: softmax weights
+ANOMALY = dataclasses.replace(EDIT, anomaly_threshold=3.0)  # both flagged at sync 2: step skipped
+
+
+@pytest.mark.parametrize("method", [
+    WEIGHTING,
+    dataclasses.replace(WEIGHTING, norm_granularity="layer"),
+    dataclasses.replace(WEIGHTING, norm_granularity="layer", shard_outer_over_replica=True),
+    ANOMALY,
+], ids=["global-norms", "layer-norms", "outer-sharded-over-replica", "all-outliers-skip"])
+def test_edit_with_penalty_equals_reference(method):
+    losses, state = _run_ours(method)
+    ref_losses, ref_thetas, ref = _run_reference(method, penalty=True, rule="layerwise")
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-4, rtol=0)
+    _assert_replicas_equal(state, ref_thetas, 1e-4)
+    rest = state["outer"]["rest"]
+    last_rest_sync = -len(ref.phi)  # the non-layer unit is synced first at every sync
+    np.testing.assert_allclose(rest.weights, ref.weights_log[last_rest_sync], atol=1e-4)
+    np.testing.assert_array_equal(rest.outliers, ref.outliers_log[last_rest_sync])
+    np.testing.assert_allclose(rest.stats.mean, ref.mean[0], rtol=1e-4)
+    np.testing.assert_allclose(rest.inner_state[0].trace["embed"]["embedding"],
+                               ref.momentum[0][0], atol=1e-4)
+    if method is ANOMALY:
+        assert ref.outliers_log[last_rest_sync].all()
+    else:
+        assert not np.any(ref.outliers_log) and max(np.ptp(w) for w in ref.weights_log) > 0.02
+
+
+def test_edit_without_penalty_is_diloco():
+    plain = dataclasses.replace(EDIT, anomaly=False, weighting=False, clip_norm=0.0)
+    edit_losses, edit_state = _run_ours(plain)
+    diloco_losses, diloco_state = _run_ours(dataclasses.replace(plain, name="diloco"))
+    ref_losses, ref_thetas, _ = _run_reference(plain, penalty=False, rule="outer")
+    np.testing.assert_allclose(diloco_losses, ref_losses, atol=1e-4, rtol=0)
+    _assert_replicas_equal(diloco_state, ref_thetas, 1e-4)
+    # The same trajectory; only the last sync differs: diloco's runs at the end of step 10,
+    # edit's would run at the start of step 11.
+    np.testing.assert_allclose(edit_losses, diloco_losses, atol=1e-5, rtol=0)
+    _, ref_edit_thetas, _ = _run_reference(plain, penalty=False, rule="layerwise")
+    _assert_replicas_equal(edit_state, ref_edit_thetas, 1e-4)
+
+
+def test_local_sgd_and_the_averaging_identity():
+    """local_sgd averages; edit with tau=1, outer lr 1, momentum 0, no penalty does the same."""
+    avg = MethodConfig(name="local_sgd", warmup_steps=2, sync_every=1)
+    losses, state = _run_ours(avg)
+    ref_losses, ref_thetas, _ = _run_reference(avg, penalty=False, rule="average")
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-4, rtol=0)
+    _assert_replicas_equal(state, ref_thetas, 1e-4)
+    identity = MethodConfig(name="edit", warmup_steps=2, sync_every=1, outer_lr=1.0,
+                            outer_momentum=0.0, anomaly=False, weighting=False, clip_norm=0.0)
+    id_losses, id_state = _run_ours(identity)
+    np.testing.assert_allclose(id_losses, losses, atol=1e-5, rtol=0)
+    _, ref_id_thetas, _ = _run_reference(identity, penalty=False, rule="layerwise")
+    _assert_replicas_equal(id_state, ref_id_thetas, 1e-4)
+
+
+def test_schedule_of_step_kinds():
+    program = build_program(_config(EDIT), VOCAB)
+    kinds = [program.method.kind(t) for t in range(STEPS)]
+    D, L, S = StepKind.DDP, StepKind.LOCAL, StepKind.SYNC
+    assert kinds == [D, D, L, L, L, S, L, L, S, L, L]
+    diloco = build_program(_config(dataclasses.replace(EDIT, name="diloco")), VOCAB)
+    assert [diloco.method.kind(t) for t in range(STEPS)] == [D, D, L, L, S, L, L, S, L, L, S]
