@@ -25,6 +25,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--process-id", type=int, help="this process's index (multi-host runs)")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted config overrides, e.g. run.steps=100 mesh.replica=4")
+    inspect = commands.add_parser(
+        "inspect", help="collective bytes and memory of the compiled train steps",
+        description="Compile every step kind the configured method runs (nothing is allocated) "
+                    "and report, per device, the collective bytes over each mesh axis (loops "
+                    "counted), compiled memory, parameter and outer-state sizes.")
+    inspect.add_argument("--config", help="YAML file or a name in configs/")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="dotted config overrides, e.g. method.name=diloco")
     return parser
 
 
@@ -41,10 +50,28 @@ def _train(args: argparse.Namespace) -> None:
     print(json.dumps({"summary": summary}))
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    from edit_jax.config import load_config
+    from edit_jax.mesh import distributed_args_from_env, start_jax
+
+    cfg = load_config(args.config, args.overrides)
+    start_jax(cfg.mesh, distributed_args_from_env())
+    from edit_jax.inspect_steps import format_report, inspect_program
+    from edit_jax.program import build_program
+    from edit_jax.tokenizer import load_tokenizer
+
+    vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).vocab_size
+    report = inspect_program(build_program(cfg, vocab_size))
+    print(json.dumps(report) if args.json else format_report(report))
+
+
+COMMANDS = {"train": _train, "inspect": _inspect}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        _train(args)
+        COMMANDS[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -437,7 +437,7 @@ def memory_stats(compiled) -> dict:
     return stats
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
     """Bytes in the largest binary unit that keeps the number at least 1."""
     if abs(n) < 1024:
         return f"{n} B"
@@ -452,12 +452,12 @@ def format_table(summary: dict, memory: dict, title: str) -> str:
              f"  {'':<28}{'payload bytes':>16}{'':>12}{'wire bytes':>16}{'ops':>6}{'runs':>7}"]
 
     def row(label: str, b: dict) -> str:
-        return (f"  {label:<28}{b['bytes']:>16,}{_human(b['bytes']):>12}{b['wire_bytes']:>16,}"
+        return (f"  {label:<28}{b['bytes']:>16,}{human_bytes(b['bytes']):>12}{b['wire_bytes']:>16,}"
                 f"{b['ops']:>6}{b['executions']:>7}")
 
     lines += [row(f"axis {k}", v) for k, v in summary["by_axis"].items()]
     lines += [row(k, v) for k, v in summary["by_kind"].items() if v["ops"]]
     lines += [row("total", summary["total"]), "memory per device"]
     names = {"peak": "peak (arg+out+temp-alias)"}
-    lines += [f"  {names.get(k, k):<28}{v:>16,}{_human(v):>12}" for k, v in memory.items()]
+    lines += [f"  {names.get(k, k):<28}{v:>16,}{human_bytes(v):>12}" for k, v in memory.items()]
     return "\n".join(lines)

@@ -129,7 +129,10 @@ def _stack(tree):
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, kind: StepKind,
                     rule: SyncRule = SyncRule.NONE, outer: OuterSync | None = None):
-    """jit(shard_map(step)): (TrainState, tokens (B, T+1)) -> (TrainState, metrics)."""
+    """jit(shard_map(step)): (TrainState, tokens (B, T+1)) -> (TrainState, metrics).
+
+    metrics: 'loss' and 'grad_norm' per replica (shape (R,)), the sync's replica weights.
+    """
     gather = make_gather(layout.dims)
     sharded_mask = is_sharded(layout.dims)
     num_shards = layout.num_shards
@@ -176,12 +179,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
         new_state = {"params": params, "opt_state": opt_state}
         if outer_state is not None:
             new_state["outer"] = outer_state
-        metrics["loss"] = jax.lax.pmean(jax.lax.psum(loss_part, "shard"), "replica")
-        metrics["grad_norm"] = jax.lax.pmean(grad_norm, "replica")
+        # Per replica (averaged on the host): a collective here would tie the replicas together.
+        metrics["loss"] = jax.lax.psum(loss_part, "shard")[None]
+        metrics["grad_norm"] = grad_norm[None]
         return new_state, metrics
 
+    metric_specs = {"loss": P("replica"), "grad_norm": P("replica")}
+    if sync_rule is SyncRule.LAYERWISE:
+        metric_specs.update(sync_weights=P(), sync_outliers=P())
+    elif sync_rule is SyncRule.OUTER:
+        metric_specs.update(sync_weights=P())
     step = jax.shard_map(local_step, mesh=layout.mesh, in_specs=(layout.state_specs, BATCH_SPEC),
-                         out_specs=(layout.state_specs, P()))
+                         out_specs=(layout.state_specs, metric_specs))
     return jax.jit(step, donate_argnums=0)
 
 

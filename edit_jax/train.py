@@ -173,11 +173,11 @@ def _loop(program: Program, state: TrainState, iterator, eval_batches, ckpt: Che
             interval_steps += 1
             bar.update(1)
             if step % run.log_every == 0 or step == run.steps:
-                loss = float(step_metrics["loss"])  # blocks: the interval's time is now real
+                loss = float(step_metrics["loss"].mean())  # blocks: the interval's time is now real
                 step_time = (time.perf_counter() - interval_start) / interval_steps
                 metrics.write({"step": step, "loss": loss, "lr": float(schedule(step - 1)),
                                "tokens": step * tokens_per_step, "step_time": step_time,
-                               "grad_norm": float(step_metrics["grad_norm"])})
+                               "grad_norm": float(step_metrics["grad_norm"].mean())})
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / step_time:,.0f}")
                 interval_start, interval_steps = time.perf_counter(), 0
             if step % run.eval_every == 0 or step == run.steps:

@@ -1,6 +1,5 @@
 """The sharded step against an unsharded single-device reference written with plain optax."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +52,7 @@ def _sharded(mesh_shape, batches, kind):
     losses = []
     for tokens in batches:
         state, metrics = step(state, jax.device_put(tokens, layout.batch_sharding))
-        losses.append(float(metrics["loss"]))
+        losses.append(float(metrics["loss"].mean()))
     return losses, state, layout
 
 

@@ -44,7 +44,7 @@ def _run_ours(method: MethodConfig):
     state, losses = program.init_state(), []
     for t, batch in enumerate(_batches()):
         state, metrics, _ = program.step(state, t, jax.device_put(batch, program.layout.batch_sharding))
-        losses.append(float(metrics["loss"]))
+        losses.append(float(metrics["loss"].mean()))
     return losses, state
 
 

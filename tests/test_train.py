@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -79,3 +80,43 @@ def test_default_command_learns(tmp_path):
     assert evals[0] > 5.0  # about ln(257) at initialisation
     assert evals[-1] < evals[0] - 1.5
     assert json.loads(proc.stdout.strip().splitlines()[-1])["summary"]["step"] == 60
+
+
+EDIT = ["method.name=edit", "method.warmup_steps=2", "method.sync_every=3",
+        "method.anomaly_warmup=1", "method.anomaly_threshold=6", "method.temperature=0.05",
+        "method.clip_norm=0.05"]
+
+
+def _final_state(run_dir, steps):
+    """The state in a run's final checkpoint, restored with the run's own config."""
+    from edit_jax.checkpoint import Checkpointer
+    from edit_jax.config import load_config
+    from edit_jax.program import build_program
+
+    cfg = load_config(None, [*SMALL, *EDIT, f"run.steps={steps}"])
+    program = build_program(cfg, 257)
+    ckpt = Checkpointer(run_dir / "checkpoints", save_every=1, keep=1)
+    state, _ = ckpt.restore(steps, program.abstract_state())
+    ckpt.close()
+    return state
+
+
+def test_saving_checkpoints_does_not_change_the_edit_trajectory(tmp_path):
+    rarely, _ = _train(tmp_path / "a", *EDIT, "run.steps=10", "run.checkpoint_every=100")
+    always, _ = _train(tmp_path / "b", *EDIT, "run.steps=10", "run.checkpoint_every=1")
+    assert [always[s] for s in range(1, 11)] == [rarely[s] for s in range(1, 11)]
+
+
+def test_edit_resume_restores_the_outer_state_exactly(tmp_path):
+    straight, rows = _train(tmp_path / "a", *EDIT, "run.steps=10", "run.checkpoint_every=100")
+    _train(tmp_path / "b", *EDIT, "run.steps=6", "run.checkpoint_every=3")  # stops after a sync
+    resumed, _ = _train(tmp_path / "b", *EDIT, "run.steps=10", "run.checkpoint_every=3")
+    np.testing.assert_allclose([resumed[s] for s in range(7, 11)],
+                               [straight[s] for s in range(7, 11)], atol=1e-6, rtol=0)
+    assert [r["step"] for r in rows if r.get("sync")] == [6, 9]
+    a, b = _final_state(tmp_path / "a", 10), _final_state(tmp_path / "b", 10)
+    outer_a, outer_b = a["outer"], b["outer"]
+    assert int(outer_a["rest"].stats.count) == 2  # two syncs fed the penalty statistics
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(outer_a["rest"].stats.mean, outer_b["rest"].stats.mean)

@@ -1,0 +1,109 @@
+"""What the compiled train steps of a run move and hold, per device (`edit-jax inspect`).
+
+`inspect_program` compiles each step kind the method runs from abstract values (no arrays are
+allocated) and reports, from the optimized HLO (inspect_hlo.py), bytes per mesh axis and op kind,
+memory, the outer state's size per device, and the replica bytes per step averaged over a sync
+period.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import mean
+
+import jax
+import jax.numpy as jnp
+
+from edit_jax.inspect_hlo import (collective_stats, format_table, human_bytes, memory_stats,
+                                  summarize)
+from edit_jax.methods import Method, StepKind
+from edit_jax.program import Program
+
+
+def sync_period(method: Method) -> list[StepKind]:
+    """The step kinds of one steady-state sync period (tau steps after the first sync)."""
+    start = method.warmup_steps + method.sync_every
+    return [method.kind(step) for step in range(start, start + method.sync_every)]
+
+
+def step_kinds(method: Method) -> list[StepKind]:
+    """The step kinds `method` runs: those of its warm-up and of its sync periods."""
+    end = method.warmup_steps + 2 * method.sync_every
+    used = {method.kind(step) for step in range(end)}
+    return [kind for kind in StepKind if kind in used]
+
+
+def compile_steps(program: Program) -> dict[StepKind, jax.stages.Compiled]:
+    """Compile the train step of every kind the method runs, from abstract values only."""
+    cfg = program.cfg
+    batch = jax.ShapeDtypeStruct((cfg.data.global_batch_size, cfg.data.seq_len + 1), jnp.int32,
+                                 sharding=program.layout.batch_sharding)
+    state = program.abstract_state()
+    return {kind: program.train_steps[kind].lower(state, batch).compile()
+            for kind in step_kinds(program.method)}
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes one device holds of a tree of abstract arrays with shardings."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def _across_replicas(summary: dict, key: str) -> int:
+    """Bytes of the ops whose device groups span `replica` (axis 'replica' or 'both')."""
+    return summary["by_axis"]["replica"][key] + summary["by_axis"]["both"][key]
+
+
+def inspect_program(program: Program,
+                    compiled: dict[StepKind, jax.stages.Compiled] | None = None) -> dict:
+    """Communication and memory per device of a run's train steps (`compile_steps` output, or
+    compiled here), plus its parameter and outer-state sizes.
+
+    'replica_bytes' of a step counts every collective whose groups span `replica`;
+    'replica_bytes_per_step' averages it over a sync period ((tau-1) LOCAL + SYNC) / tau
+    (every step for ddp).
+    """
+    compiled = compile_steps(program) if compiled is None else compiled
+    mesh = program.layout.mesh
+    steps = {}
+    for kind, step in compiled.items():
+        summary = summarize(collective_stats(step, mesh))
+        steps[kind.value] = {"replica_bytes": _across_replicas(summary, "bytes"),
+                             "replica_wire_bytes": _across_replicas(summary, "wire_bytes"),
+                             "collectives": summary, "memory": memory_stats(step)}
+    period = sync_period(program.method)
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(program.params_shapes))
+    return {
+        "method": program.method.name,
+        "mesh": dict(mesh.shape),
+        "device_kind": mesh.devices.flat[0].device_kind,
+        "num_params": program.num_params,
+        "param_bytes": param_bytes,
+        "param_bytes_per_shard": param_bytes / mesh.shape["shard"],
+        "outer_state_bytes_per_device": bytes_per_device(program.abstract_state().get("outer")),
+        "sync_every": program.method.sync_every,
+        "replica_bytes_per_step": mean(steps[k.value]["replica_bytes"] for k in period),
+        "replica_wire_bytes_per_step": mean(steps[k.value]["replica_wire_bytes"] for k in period),
+        "steps": steps,
+    }
+
+
+def format_report(report: dict) -> str:
+    """`inspect_program` output as text: the sizes, then one `format_table` per step kind."""
+    mesh = report["mesh"]
+    per_step = ("replica bytes per step" if report["method"] == "ddp"
+                else f"replica bytes per step (mean of tau={report['sync_every']})")
+    header = (f"method {report['method']}: {report['num_params']:,} parameters on a "
+              f"{mesh['replica']} x {mesh['shard']} ('replica', 'shard') mesh of "
+              f"{report['device_kind']} devices; bytes are per device")
+    sizes = [("parameter bytes", report["param_bytes"]),
+             ("parameter bytes / S", report["param_bytes_per_shard"]),
+             ("outer state", report["outer_state_bytes_per_device"]),
+             (per_step, report["replica_bytes_per_step"]),
+             ("  ring wire bytes", report["replica_wire_bytes_per_step"])]
+    width = max(len(name) for name, _ in sizes)
+    lines = [header] + [f"  {name:<{width}}{round(value):>14,}{human_bytes(round(value)):>12}"
+                        for name, value in sizes]
+    for kind, step in report["steps"].items():
+        lines += ["", format_table(step["collectives"], step["memory"], f"{kind} step")]
+    return "\n".join(lines)
