@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -25,7 +26,7 @@ from edit_jax.errors import UserError
 from edit_jax.methods import StepKind
 from edit_jax.optimizer import lr_schedule
 from edit_jax.program import Program, build_program
-from edit_jax.step import Layout, TrainState
+from edit_jax.step import Layout, TrainState, stack_replicas
 from edit_jax.tokenizer import load_tokenizer
 
 
@@ -84,29 +85,56 @@ def _global_batch(layout: Layout, local_rows: np.ndarray, global_rows: int) -> j
         layout.batch_sharding, local_rows, (global_rows, local_rows.shape[1]))
 
 
+def _without_replica_axis(spec: P) -> P:
+    """The spec with the 'replica' mesh axis removed (the leaf is then whole on every replica)."""
+
+    def drop(entry):
+        if isinstance(entry, tuple):
+            kept = tuple(a for a in entry if a != "replica")
+            return kept if len(kept) > 1 else (kept[0] if kept else None)
+        return None if entry == "replica" else entry
+
+    return P(*(drop(e) for e in spec))
+
+
 def _restore(ckpt: Checkpointer, step: int, program: Program, iterator):
-    """Restore onto this mesh; a different replica count restarts every replica from replica 0."""
+    """Restore onto this mesh. With another replica count (elastic resume): phi and the outer
+    momentum carry over, every replica restarts from phi once the local phase has begun (from
+    replica 0 during the synchronous warm-up, when all replicas are equal), the inner optimizer
+    moments come from replica 0, and the per-replica penalty statistics start afresh."""
     layout = program.layout
     target = program.abstract_state()
-    saved = ckpt.saved_state_shapes(step)
-    saved_replicas = jax.tree.leaves(saved["params"])[0].shape[0]
-    if saved_replicas == layout.num_replicas:
+    saved = ckpt.saved_state_shapes(step, like=target)
+    if all(s.shape == t.shape for s, t in zip(jax.tree.leaves(saved), jax.tree.leaves(target))):
         return ckpt.restore(step, target, data_iterator=iterator)[0]
-    log(f"checkpoint has {saved_replicas} replicas, this mesh {layout.num_replicas}: "
-        "every replica restarts from replica 0's state")
+    saved_replicas = jax.tree.leaves(saved["params"])[0].shape[0]
+    from_phi = program.outer is not None and step >= program.method.warmup_steps
+    log(f"checkpoint has {saved_replicas} replicas, this mesh {layout.num_replicas}: every "
+        f"replica restarts from {'phi' if from_phi else 'replica 0'}")
 
-    def unreplicated(t):
-        spec = P(*(None if a == "replica" else a for a in t.sharding.spec))
-        shape = (saved_replicas, *t.shape[1:]) if t.sharding.spec[:1] == ("replica",) else t.shape
-        return jax.ShapeDtypeStruct(shape, t.dtype, sharding=NamedSharding(layout.mesh, spec))
+    def as_saved(t, s):
+        if s.shape == t.shape:
+            return t
+        sharding = NamedSharding(layout.mesh, _without_replica_axis(t.sharding.spec))
+        return jax.ShapeDtypeStruct(s.shape, t.dtype, sharding=sharding)
 
-    state = ckpt.restore(step, jax.tree.map(unreplicated, target),
-                         data_iterator=iterator)[0]
-    respread = jax.jit(
-        lambda s: jax.tree.map(lambda x, t: x if x.shape == t.shape else
-                               jax.numpy.broadcast_to(x[0], t.shape), s, target),
-        out_shardings=layout.state_shardings)
-    return respread(state)
+    restored = ckpt.restore(step, jax.tree.map(as_saved, target, saved),
+                            data_iterator=iterator)[0]
+
+    def convert(state):
+        def leaf(x, t):
+            if x.shape == t.shape:
+                return x
+            if t.sharding.spec[:1] == ("replica",):
+                return jnp.broadcast_to(x[0], t.shape)
+            return jnp.zeros(t.shape, t.dtype)  # per-replica statistics
+
+        state = jax.tree.map(leaf, state, target)
+        if from_phi:
+            state["params"] = stack_replicas(state["outer"]["phi"], layout.num_replicas)
+        return state
+
+    return jax.jit(convert, out_shardings=layout.state_shardings)(restored)
 
 
 def train(cfg: Config) -> dict:

@@ -23,3 +23,11 @@ def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2
     assert commands[0].endswith("edit-jax train")
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_optax_example_runs_and_learns(capsys):
+    section = README.split("### The outer optimizer is plain optax", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README example", "exec"), {})
+    loss = float(re.search(r"loss (\S+),", capsys.readouterr().out).group(1))
+    assert loss < 0.5  # from about 8 at phi = 0

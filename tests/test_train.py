@@ -35,10 +35,12 @@ def test_resume_continues_exactly(tmp_path):
 
 @pytest.mark.parametrize("mesh", [["mesh.replica=4", "mesh.shard=2"],
                                   ["mesh.replica=1", "mesh.shard=8"]])
-def test_resume_onto_another_mesh_shape(tmp_path, mesh):
-    straight, _ = _train(tmp_path / "a", "run.steps=8", "run.checkpoint_every=100")
-    _train(tmp_path / "b", "run.steps=4", "run.checkpoint_every=4")
-    resumed, _ = _train(tmp_path / "b", "run.steps=8", "run.checkpoint_every=4", *mesh)
+def test_ddp_resumes_onto_another_mesh_shape(tmp_path, mesh):
+    """DDP replicas are identical, so another mesh continues the same trajectory."""
+    ddp = "method.name=ddp"
+    straight, _ = _train(tmp_path / "a", ddp, "run.steps=8", "run.checkpoint_every=100")
+    _train(tmp_path / "b", ddp, "run.steps=4", "run.checkpoint_every=4")
+    resumed, _ = _train(tmp_path / "b", ddp, "run.steps=8", "run.checkpoint_every=4", *mesh)
     np.testing.assert_allclose([resumed[s] for s in range(5, 9)],
                                [straight[s] for s in range(5, 9)], atol=1e-5, rtol=0)
 
@@ -120,3 +122,33 @@ def test_edit_resume_restores_the_outer_state_exactly(tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
     np.testing.assert_array_equal(outer_a["rest"].stats.mean, outer_b["rest"].stats.mean)
+
+
+def test_edit_resumes_with_another_replica_count(tmp_path):
+    """R=2 -> R=4: phi and momentum carry over, every replica restarts from phi."""
+    from edit_jax.checkpoint import Checkpointer
+    from edit_jax.config import load_config
+    from edit_jax.program import build_program
+    from edit_jax.train import _restore
+
+    _train(tmp_path, *EDIT, "run.steps=7", "run.checkpoint_every=7")  # a sync ran at step 5
+    saved = _final_state(tmp_path, 7)
+    cfg = load_config(None, [*SMALL, *EDIT, "run.steps=7", "mesh.replica=4", "mesh.shard=2"])
+    ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1, keep=1)
+    state = _restore(ckpt, 7, build_program(cfg, 257), None)
+    ckpt.close()
+    for phi, new_phi, theta in zip(jax.tree.leaves(saved["outer"]["phi"]),
+                                   jax.tree.leaves(state["outer"]["phi"]),
+                                   jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(np.asarray(new_phi), np.asarray(phi))
+        assert theta.shape[0] == 4
+        for r in range(4):
+            np.testing.assert_array_equal(np.asarray(theta)[r], np.asarray(phi))
+    old_trace = saved["outer"]["rest"].inner_state[0].trace["embed"]["embedding"]
+    new_trace = state["outer"]["rest"].inner_state[0].trace["embed"]["embedding"]
+    np.testing.assert_array_equal(np.asarray(new_trace), np.asarray(old_trace))
+    assert state["outer"]["rest"].stats.mean.shape == (4,)
+    assert not np.any(np.asarray(state["outer"]["rest"].stats.mean))
+    resumed, _ = _train(tmp_path, *EDIT, "run.steps=10", "run.checkpoint_every=100",
+                        "mesh.replica=4", "mesh.shard=2")
+    assert all(np.isfinite(resumed[s]) for s in range(8, 11))
