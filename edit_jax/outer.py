@@ -132,11 +132,6 @@ def penalty_weights(norms: jax.Array, stats: AnomalyStats, *, anomaly: bool = Tr
         alpha: smoothing factor of the mean and variance.
         anomaly_warmup: syncs to observe before flagging anything.
         threshold: the z-score above which a replica is an outlier.
-        replica_split_mask: switches to the stacked layout, for an outer state sharded over
-            replicas too: every leaf of `delta_r` then carries a leading axis of size R with
-            every replica's delta of this device's piece of phi (`params` is that piece), and
-            the mask says which leaves' pieces are split over `replica_axis` (the rest are whole
-            copies on every replica). Norms and the combination are then computed locally.
 
     Returns:
         (weights f32[R] summing to 1 or all 0, new statistics, outliers bool[R]).

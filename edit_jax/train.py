@@ -195,8 +195,11 @@ def _loop(program: Program, state: TrainState, iterator, eval_batches, ckpt: Che
             batch = _global_batch(layout, next(iterator), cfg.data.global_batch_size)
             state, step_metrics, kind = program.step(state, step, batch)
             if kind is StepKind.SYNC and "sync_weights" in step_metrics:
-                metrics.write({"step": step + 1, "sync": True, "weights": np.asarray(
-                    step_metrics["sync_weights"]).round(6).tolist()})
+                row = {"step": step + 1, "sync": True,
+                       "weights": np.asarray(step_metrics["sync_weights"]).round(6).tolist()}
+                if "sync_outliers" in step_metrics:
+                    row["outliers"] = int(step_metrics["sync_outliers"])
+                metrics.write(row)
             step += 1
             interval_steps += 1
             bar.update(1)
