@@ -16,32 +16,11 @@ reports the final validation loss.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import sys
 import tempfile
-import time
-from pathlib import Path
+
+from benchlib import TIMED_CALLS, time_step, write_report
 
 METHODS = ("ddp", "local_sgd", "diloco", "edit")
-TIMED_CALLS = 10
-WARMUP_CALLS = 2
-
-
-def time_step(step, state, batch) -> tuple[float, object]:
-    """(median seconds per call, the state after the calls) of a compiled step."""
-    import jax
-
-    times = []
-    for call in range(WARMUP_CALLS + TIMED_CALLS):
-        start = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        if call >= WARMUP_CALLS:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), state
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None)
@@ -127,10 +106,7 @@ def main() -> None:
               "mesh": {"replica": replicas, "shard": shards}, "sync_every": args.sync_every,
               "global_batch": batch_rows, "seq_len": seq, "timed_calls": TIMED_CALLS,
               "train_steps": None if args.skip_training else args.steps, "results": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
                                  [--out results/bench_step.json] [key=value ...]
 
 Every mesh runs the same model and global batch on random tokens; times are medians over
-`--steps` steps after two warm-up steps (compilation excluded). The table gives each shape's
+`--steps` steps after two warm-up steps (the first compiles). The table gives each shape's
 time as a ratio to the first one: on shared CPU machines quote the ratios, not the seconds.
 """
 
@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import statistics
-import sys
-import time
-from pathlib import Path
+
+from benchlib import time_step, write_report
 
 
 def main() -> None:
@@ -57,21 +54,8 @@ def main() -> None:
         state = init_state(layout, lambda: init_model(cfg.model, vocab, 0)[1], tx)
         step = make_train_step(graphdef, tx, layout, StepKind.DDP)
         batch = jax.device_put(tokens, layout.batch_sharding)
-        start = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - start
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            state, metrics = step(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
-        step_s = statistics.median(times)
-        results.append({"mesh": shape, "step_time_s": step_s, "tokens_per_s": rows * seq / step_s,
-                        "first_call_s": compile_s})
+        step_s, state = time_step(step, state, batch, args.steps)
+        results.append({"mesh": shape, "step_time_s": step_s, "tokens_per_s": rows * seq / step_s})
         del state
 
     base = results[0]["step_time_s"]
@@ -85,10 +69,7 @@ def main() -> None:
     for row in results:
         print(f"{row['mesh']:>10} | {row['step_time_s'] * 1e3:8.1f} | "
               f"{row['tokens_per_s']:9.0f} | {row['time_ratio_vs_first']:6.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

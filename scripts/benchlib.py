@@ -1,0 +1,34 @@
+"""What the benchmark scripts share: timing a compiled step and writing the results file."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+WARMUP_CALLS = 2
+TIMED_CALLS = 10
+
+
+def time_step(step, state, batch, timed_calls: int = TIMED_CALLS) -> tuple[float, object]:
+    """(median seconds per call, the state after the calls) of a jitted train step, after
+    WARMUP_CALLS untimed calls (the first one compiles)."""
+    import jax
+
+    times = []
+    for call in range(WARMUP_CALLS + timed_calls):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        if call >= WARMUP_CALLS:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), state
+
+
+def write_report(report: dict, path: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
