@@ -8,10 +8,12 @@ Documents come from one of three sources (`data.source`):
 Without `data.val_split`, every k-th document (k = round(1 / val_fraction)) is held out for
 validation; the rest is training data.
 
-Training: each process takes every process_count-th training document, shuffles them (a new
-order every epoch), tokenizes lazily, appends EOS, concatenates the stream and cuts it into
-windows of seq_len + 1 tokens (inputs = window[:-1], targets = window[1:]), repeats forever and
-batches. Validation: the held-out documents in order, cut the same way, as fixed global batches.
+Training: the training documents are shuffled (a new order every epoch), tokenized lazily with
+EOS appended, concatenated and cut into windows of seq_len + 1 tokens (inputs = window[:-1],
+targets = window[1:]), repeated forever and batched into global batches. Validation: the held-out
+documents in order, cut the same way, as fixed global batches. Every process builds the same
+global batches and keeps its own contiguous rows, so the data of a step does not depend on the
+number of processes.
 """
 
 from __future__ import annotations
@@ -101,23 +103,20 @@ def train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int,
                    process_count: int) -> grain.DatasetIterator:
     """Endless batches (global_batch_size // process_count, seq_len + 1) of int32 for this process.
 
-    Processes read disjoint documents. The state from `get_state()` is JSON-serializable and
-    `set_state()` resumes with exactly the next batch.
+    Every process reads the whole stream (same shuffle, same packing) and keeps its rows of each
+    global batch, so the global batches, and the JSON-serializable state from `get_state()`, are
+    the same for any process count. `set_state()` resumes with exactly the next batch.
     """
-    local_batch = _local_batch_size(cfg, process_count)
+    rows = _process_rows(cfg, process_index, process_count)
     if not 0 <= cfg.shuffle_seed < 2**32:
         raise UserError(f"bad value for config key 'data.shuffle_seed': {cfg.shuffle_seed} "
                         "must be in [0, 2**32)")
-    train = train_documents(cfg)
-    documents = grain.MapDataset.source(train)[process_index::process_count]
-    if len(documents) == 0:
-        raise UserError(f"only {len(train)} training documents for "
-                        f"{process_count} processes; use a larger corpus or fewer processes")
-    tokens = (documents.shuffle(seed=cfg.shuffle_seed).repeat()
-              .map(lambda text: encode_with_eos(tokenizer, text))
+    tokens = (grain.MapDataset.source(train_documents(cfg)).shuffle(seed=cfg.shuffle_seed)
+              .repeat().map(lambda text: encode_with_eos(tokenizer, text))
               .to_iter_dataset(READ_OPTIONS))
-    windows = ConcatThenSplit(tokens, cfg.seq_len + 1)
-    return iter(windows.batch(local_batch, drop_remainder=True))
+    batches = ConcatThenSplit(tokens, cfg.seq_len + 1).batch(cfg.global_batch_size,
+                                                             drop_remainder=True)
+    return iter(batches.map(lambda batch_BxT: batch_BxT[rows]))
 
 
 def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, *, num_batches: int,
@@ -127,7 +126,7 @@ def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, *, num_batches: int,
     The validation documents are read in order until enough tokens are collected; a split too
     small for one global batch is repeated to fill exactly one.
     """
-    local_batch = _local_batch_size(cfg, process_count)
+    rows = _process_rows(cfg, process_index, process_count)
     window, global_batch = cfg.seq_len + 1, cfg.global_batch_size
     wanted = num_batches * global_batch * window
     pieces, collected = [], 0
@@ -141,7 +140,6 @@ def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, *, num_batches: int,
         tokens = np.resize(tokens, global_batch * window)  # repeats the split cyclically
     count = min(num_batches, len(tokens) // (global_batch * window))
     batches_NxBxT = tokens[: count * global_batch * window].reshape(count, global_batch, window)
-    rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
     return [batch_BxT[rows] for batch_BxT in batches_NxBxT]
 
 
@@ -197,11 +195,13 @@ class _ConcatThenSplitIterator(grain.DatasetIterator):
         self._offset = state["offset"]
 
 
-def _local_batch_size(cfg: DataConfig, process_count: int) -> int:
+def _process_rows(cfg: DataConfig, process_index: int, process_count: int) -> slice:
+    """Process p's rows [p*B/P, (p+1)*B/P) of a global batch of B rows."""
     if cfg.global_batch_size % process_count:
         raise UserError(f"data.global_batch_size={cfg.global_batch_size} is not divisible by the "
                         f"{process_count} processes; set it to a multiple of {process_count}")
-    return cfg.global_batch_size // process_count
+    local_batch = cfg.global_batch_size // process_count
+    return slice(process_index * local_batch, (process_index + 1) * local_batch)
 
 
 def _has_val_split(cfg: DataConfig) -> bool:

@@ -1,4 +1,4 @@
-"""Documents, validation hold-out, packing, batches, multi-process sharding, resumable state."""
+"""Documents, validation hold-out, packing, batches, rows per process, resumable state."""
 
 import dataclasses
 import json
@@ -94,27 +94,34 @@ def test_train_batches_are_whole_shuffled_documents_cut_into_windows():
     assert not (other == batches[0]).all()
 
 
-def test_two_processes_read_disjoint_document_shards():
-    """Process p of 2 reads training documents p, p+2, p+4, ...: disjoint and deterministic."""
-    train = list(data.train_documents(BUNDLED))
-    seen = []
-    for p in (0, 1):
-        batches = _take(data.train_iterator(BUNDLED, BYTES, process_index=p, process_count=2), 60)
-        assert all(b.shape == (8, 129) and b.dtype == np.int32 for b in batches)
-        whole = _whole_documents(batches)
-        assert len(whole) > 5 and set(whole) <= set(train[p::2])
-        seen.append({row.tobytes() for b in batches for row in b})
-    assert not seen[0] & seen[1]
+def _process_iterators(count: int) -> list:
+    return [data.train_iterator(BUNDLED, BYTES, process_index=p, process_count=count)
+            for p in range(count)]
 
 
-def test_state_round_trip_resumes_with_the_same_batches():
-    iterator = data.train_iterator(BUNDLED, BYTES, process_index=1, process_count=2)
-    _take(iterator, 5)
-    state = json.loads(json.dumps(iterator.get_state()))
-    expected = _take(iterator, 3)
-    resumed = data.train_iterator(BUNDLED, BYTES, process_index=1, process_count=2)
-    resumed.set_state(state)
-    assert all((a == b).all() for a, b in zip(_take(resumed, 3), expected))
+def _assert_slices_make_the_batches(slices: list, whole, steps: int) -> None:
+    """Process p's batch is rows [p*B/P, (p+1)*B/P) of the one-process global batch, each step."""
+    for _ in range(steps):
+        parts = [next(iterator) for iterator in slices]
+        assert all(part.shape == (16 // len(slices), 129) for part in parts)
+        np.testing.assert_array_equal(np.concatenate(parts), next(whole))
+
+
+def test_global_batches_do_not_depend_on_the_process_count():
+    for count, steps in ((2, 12), (4, 3)):
+        [one] = _process_iterators(1)
+        _assert_slices_make_the_batches(_process_iterators(count), one, steps)
+
+
+def test_state_is_the_same_on_every_process_and_resumes_exactly():
+    [one], two = _process_iterators(1), _process_iterators(2)
+    _assert_slices_make_the_batches(two, one, 5)
+    states = [json.loads(json.dumps(iterator.get_state())) for iterator in [one, *two]]
+    assert states[0] == states[1] == states[2]
+    resumed = _process_iterators(2)
+    for iterator, state in zip(resumed, states[1:]):
+        iterator.set_state(state)
+    _assert_slices_make_the_batches(resumed, one, 6)
 
 
 def test_eval_batches_fixed_and_split_over_processes():
