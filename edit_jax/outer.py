@@ -92,12 +92,20 @@ def stacked_combine(delta_stacked, weights: jax.Array):
     return jax.tree.map(weighted_sum, delta_stacked)
 
 
+def gather_replicas(value: jax.Array, replica_axis: str) -> jax.Array:
+    """[R]: every replica's scalar `value`, identical on every device.
+
+    A psum of a one-hot vector (built with `where`, so a non-finite value stays in its own
+    slot): unlike `all_gather`, its result is replica-invariant under `shard_map`.
+    """
+    num_replicas = jax.lax.axis_size(replica_axis)
+    mine = jnp.arange(num_replicas) == jax.lax.axis_index(replica_axis)
+    return jax.lax.psum(jnp.where(mine, value, jnp.zeros((), value.dtype)), replica_axis)
+
+
 def replica_norms(delta, *, replica_axis: str, shard_axis: str | None = None,
                   sharded_mask=None) -> jax.Array:
     """Every replica's pseudo-gradient norm, f32[R], identical on every device.
-
-    The gather is a psum of a one-hot vector (built with `where`, so a non-finite norm stays in
-    its own slot): unlike `all_gather`, its result is replica-invariant under `shard_map`.
 
     Args:
         delta: this replica's pseudo-gradient (its shard of each leaf under `shard_axis`).
@@ -108,23 +116,23 @@ def replica_norms(delta, *, replica_axis: str, shard_axis: str | None = None,
     Returns:
         f32[R]: entry r is replica r's L2 norm.
     """
-    norm = _norm(delta, shard_axis, sharded_mask)
-    num_replicas = jax.lax.axis_size(replica_axis)
-    mine = jnp.arange(num_replicas) == jax.lax.axis_index(replica_axis)
-    return jax.lax.psum(jnp.where(mine, norm, 0.0), replica_axis)
+    return gather_replicas(_norm(delta, shard_axis, sharded_mask), replica_axis)
 
 
 def penalty_weights(norms: jax.Array, stats: AnomalyStats, *, anomaly: bool = True,
                     weighting: bool = True, temperature: float = 1.0, alpha: float = 0.02,
-                    anomaly_warmup: int = 120,
-                    threshold: float = 3.0) -> tuple[jax.Array, AnomalyStats, jax.Array]:
+                    anomaly_warmup: int = 120, threshold: float = 3.0,
+                    steps: jax.Array | None = None,
+                    step_weighting: float = 0.0) -> tuple[jax.Array, AnomalyStats, jax.Array]:
     """Weights, updated statistics and outlier flags from the gathered norms; no collectives.
 
     A non-finite norm is always an outlier. With `anomaly`, once `stats.count >= anomaly_warmup`,
     replica r is also an outlier if (n_r - mean_r) / sqrt(var_r) > threshold (never while
     var_r = 0: there is no scale to judge by yet). Only non-outliers update their statistics, so
     a spike cannot poison them. With `weighting` the non-outliers get softmax(-n / temperature),
-    otherwise equal weights; all outliers -> all weights zero.
+    otherwise equal weights; all outliers -> all weights zero. With `step_weighting` rho > 0
+    (A-EDiT) the weights become (1 - rho) * w_r + rho * s_r / sum(s), s_r = the local steps
+    replica r ran since the last sync, summed over the non-outliers.
 
     Args:
         norms: f32[R] from `replica_norms`.
@@ -135,6 +143,8 @@ def penalty_weights(norms: jax.Array, stats: AnomalyStats, *, anomaly: bool = Tr
         alpha: smoothing factor of the mean and variance.
         anomaly_warmup: syncs to observe before flagging anything.
         threshold: the z-score above which a replica is an outlier.
+        steps: f32[R], local steps per replica since the last sync (needed when rho > 0).
+        step_weighting: rho in [0, 1], the share of the weight given by steps.
 
     Returns:
         (weights f32[R] summing to 1 or all 0, new statistics, outliers bool[R]).
@@ -160,9 +170,19 @@ def penalty_weights(norms: jax.Array, stats: AnomalyStats, *, anomaly: bool = Tr
         scores = jnp.where(keep, jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
     else:
         scores = keep.astype(jnp.float32)
-    total = jnp.sum(scores)
-    weights = jnp.where(total > 0, scores / jnp.where(total > 0, total, 1.0), 0.0)
+    weights = _normalized(scores)
+    if step_weighting > 0:
+        if steps is None:
+            raise ValueError("step_weighting > 0 needs the replicas' step counts (steps=...)")
+        step_shares = _normalized(jnp.where(keep, steps.astype(jnp.float32), 0.0))
+        weights = (1 - step_weighting) * weights + step_weighting * step_shares
     return weights, new_stats, outliers
+
+
+def _normalized(scores: jax.Array) -> jax.Array:
+    """scores / sum(scores), or all zeros if they sum to 0."""
+    total = jnp.sum(scores)
+    return jnp.where(total > 0, scores / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 def combine(delta, weights: jax.Array, *, replica_axis: str):
@@ -213,6 +233,7 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
                             anomaly: bool = True, weighting: bool = True, clip_norm: float = 1.0,
                             temperature: float = 1.0, alpha: float = 0.02,
                             anomaly_warmup: int = 120, threshold: float = 3.0,
+                            step_weighting: float = 0.0,
                             replica_split_mask=None) -> optax.GradientTransformationExtraArgs:
     """EDiT's pseudo-gradient penalty around `outer_optimizer`; call it once per replica.
 
@@ -222,7 +243,8 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
     If every replica is an outlier the step is skipped: zero updates, outer state unchanged.
     `update(..., norms=n)` uses the given f32[R] norms for the outlier test and the weights
     instead of this delta's own (EDiT's `global` granularity: one norm per replica over the whole
-    model, shared by every layer's sync).
+    model, shared by every layer's sync). `update(..., steps=s)` passes the f32[R] local step
+    counts since the last sync that `step_weighting` mixes into the weights (A-EDiT).
     With `anomaly=False, weighting=False, clip_norm=0` it is plain parameter averaging (replicas
     with non-finite deltas are still left out).
 
@@ -239,6 +261,7 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
         alpha: smoothing factor of the norm statistics.
         anomaly_warmup: syncs to observe before excluding anything.
         threshold: the z-score above which a replica is an outlier.
+        step_weighting: rho in [0, 1]: weights (1 - rho) * w + rho * steps share (needs `steps`).
         replica_split_mask: switches to the stacked layout, for an outer state sharded over
             replicas too: every leaf of `delta_r` then carries a leading axis of size R with
             every replica's delta of this device's piece of phi (`params` is that piece), and
@@ -272,6 +295,8 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
         raise UserError(f"the penalty alpha must be in (0, 1], got {alpha}")
     if anomaly_warmup < 0:
         raise UserError(f"anomaly_warmup must be non-negative, got {anomaly_warmup}")
+    if not 0 <= step_weighting <= 1:
+        raise UserError(f"step_weighting must be in [0, 1], got {step_weighting}")
     outer = optax.with_extra_args_support(outer_optimizer)
     stacked = replica_split_mask is not None
 
@@ -282,7 +307,7 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
                             outliers=jnp.zeros((num_replicas,), bool))
 
     def update_fn(updates, state: PenaltyState, params=None, *, norms: jax.Array | None = None,
-                  **extra_args: Any) -> tuple[Any, PenaltyState]:
+                  steps: jax.Array | None = None, **extra_args: Any) -> tuple[Any, PenaltyState]:
         axis_size = jax.lax.axis_size(replica_axis)
         if axis_size != num_replicas:
             raise UserError(f"num_replicas is {num_replicas} but axis {replica_axis!r} has "
@@ -296,7 +321,8 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
                                   sharded_mask=sharded_mask)
         weights, stats, outliers = penalty_weights(
             norms, state.stats, anomaly=anomaly, weighting=weighting, temperature=temperature,
-            alpha=alpha, anomaly_warmup=anomaly_warmup, threshold=threshold)
+            alpha=alpha, anomaly_warmup=anomaly_warmup, threshold=threshold, steps=steps,
+            step_weighting=step_weighting)
         if stacked:
             combined = stacked_combine(updates, weights)
         else:

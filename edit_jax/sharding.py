@@ -85,10 +85,12 @@ def outer_param_specs(params: Params, dims: Params, replica_dims: Params | None)
             for group in params}
 
 
-def optimizer_specs(tx: optax.GradientTransformation, opt_state_shapes, specs: Params):
-    """Specs of an optax state: moments follow their parameter, counters are replicated."""
+def optimizer_specs(tx: optax.GradientTransformation, opt_state_shapes, specs: Params,
+                    non_param_spec: P = P()):
+    """Specs of an optax state: moments follow their parameter, counters get `non_param_spec`
+    (P('replica') for a state with one counter per replica)."""
     return optax.tree_map_params(tx, lambda _, spec: spec, opt_state_shapes, specs,
-                                 transform_non_params=lambda _: P(),
+                                 transform_non_params=lambda _: non_param_spec,
                                  is_leaf=lambda x: isinstance(x, P))
 
 

@@ -27,8 +27,9 @@ from edit_jax.sharding import (BATCH_SPEC, is_sharded, make_gather, named, optim
                                outer_param_specs, param_specs, shard_dims)
 from edit_jax.sync import REST, OuterSync, assemble, average_replicas, split_units
 
-# {'params': replica-stacked params, 'opt_state': inner optax state, 'outer': OuterState (diloco,
-# edit only)}
+# {'params': replica-stacked params, 'opt_state': inner optax state (per replica, counters too),
+#  'replica_steps': i32[R] inner steps each replica has taken, 'outer': OuterState (methods with
+#  an outer optimizer only)}
 TrainState = dict
 
 
@@ -73,7 +74,8 @@ def stack_replicas(params: Params, num_replicas: int) -> Params:
 def _fresh_state(params: Params, num_replicas: int, tx: optax.GradientTransformation,
                  outer: OuterSync | None) -> TrainState:
     stacked = stack_replicas(params, num_replicas)
-    state = {"params": stacked, "opt_state": tx.init(stacked)}
+    state = {"params": stacked, "opt_state": jax.vmap(tx.init)(stacked),
+             "replica_steps": jnp.zeros((num_replicas,), jnp.int32)}
     if outer is not None:
         state["outer"] = outer.init(params)
     return state
@@ -83,9 +85,11 @@ def make_layout(mesh: jax.sharding.Mesh, params_shapes: Params, tx: optax.Gradie
                 outer: OuterSync | None = None) -> Layout:
     dims = shard_dims(params_shapes, mesh.shape["shard"])
     specs = param_specs(params_shapes, dims)
-    opt_shapes = jax.eval_shape(lambda p: tx.init(stack_replicas(p, mesh.shape["replica"])),
-                                params_shapes)
-    state_specs = {"params": specs, "opt_state": optimizer_specs(tx, opt_shapes, specs)}
+    opt_shapes = jax.eval_shape(
+        lambda p: jax.vmap(tx.init)(stack_replicas(p, mesh.shape["replica"])), params_shapes)
+    state_specs = {"params": specs,
+                   "opt_state": optimizer_specs(tx, opt_shapes, specs, P("replica")),
+                   "replica_steps": P("replica")}
     if outer is not None:
         state_specs["outer"] = outer_specs(outer, params_shapes, dims)
     return Layout(mesh, dims, state_specs)
@@ -99,7 +103,8 @@ def outer_specs(outer: OuterSync, params_shapes: Params, dims: Params) -> dict:
     rest_specs, layer_specs = split_units(phi_specs)
     return {"phi": phi_specs,
             REST: optimizer_specs(outer.rest_tx, shapes[REST], rest_specs),
-            LAYER_GROUP: optimizer_specs(outer.layer_tx, shapes[LAYER_GROUP], layer_specs)}
+            LAYER_GROUP: optimizer_specs(outer.layer_tx, shapes[LAYER_GROUP], layer_specs),
+            "synced_steps": P()}
 
 
 def init_state(layout: Layout, init_params, tx: optax.GradientTransformation,
@@ -111,10 +116,11 @@ def init_state(layout: Layout, init_params, tx: optax.GradientTransformation,
 
 def make_begin_local_phase(layout: Layout, outer: OuterSync):
     """jit: phi <- theta (replica 0; all replicas are equal after synchronous steps), fresh
-    outer optimizer state. Runs when the first local step begins."""
+    outer optimizer state, the steps so far count as synced. Runs when the first local step
+    begins."""
 
     def begin(state: TrainState) -> TrainState:
-        return {**state, "outer": outer.init(_unstack(state["params"]))}
+        return {**state, "outer": outer.init(_unstack(state["params"]), state["replica_steps"])}
 
     return jax.jit(begin, out_shardings=layout.state_shardings, donate_argnums=0)
 
@@ -131,7 +137,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
                     rule: SyncRule = SyncRule.NONE, outer: OuterSync | None = None):
     """jit(shard_map(step)): (TrainState, tokens (B, T+1)) -> (TrainState, metrics).
 
-    metrics: 'loss' and 'grad_norm' per replica (shape (R,)), the sync's replica weights.
+    metrics: 'loss' and 'grad_norm' per replica (shape (R,)); on sync steps with an outer
+    optimizer the sync's replica weights, the local steps per replica since the previous sync,
+    and (layer-wise) the outliers and every replica's step count after this step.
     """
     gather = make_gather(layout.dims)
     sharded_mask = is_sharded(layout.dims)
@@ -143,40 +151,43 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
     def local_step(state: TrainState, tokens_bxT1):
         outer_state = state.get("outer")
         theta = _unstack(state["params"])
-        norms = None
+        metrics = {}
         if sync_rule is SyncRule.LAYERWISE:
-            norms = outer.model_norms(theta, outer_state["phi"])
+            extra, totals = outer.sync_inputs(theta, outer_state, state["replica_steps"])
+            metrics["sync_local_steps"] = extra["steps"].astype(jnp.int32)
+            metrics["replica_steps"] = totals + 1  # after this step
 
         def replica_loss_part(params):
             # Each device's share of its replica's mean loss; the all-gather's transpose sums
             # the shares' gradients over `shard`, giving the gradient of the replica mean.
             layer_sync, rest = None, None
             if sync_rule is SyncRule.LAYERWISE:
-                params, rest = outer.sync_rest(params, outer_state, norms)
-                layer_sync = outer.layer_sync(outer_state, norms)
+                params, rest = outer.sync_rest(params, outer_state, extra)
+                layer_sync = outer.layer_sync(outer_state, extra)
             loss, layer_outs = loss_fn(graphdef, params, tokens_bxT1, gather, layer_sync)
             return loss / num_shards, (layer_outs, rest)
 
         (loss_part, (layer_outs, rest)), grads = jax.value_and_grad(
             replica_loss_part, has_aux=True)(theta)
-        metrics = {}
         if sync_rule is SyncRule.LAYERWISE:  # every replica continues from the new phi
-            theta, outer_state = assemble(rest, layer_outs)
+            theta, outer_state = assemble(rest, layer_outs, totals)
             metrics["sync_weights"] = outer_state[REST].weights
             metrics["sync_outliers"] = jnp.sum(outer_state[REST].outliers)
         if kind is StepKind.DDP:
             grads = jax.lax.pmean(grads, "replica")
         grad_norm = sharded_global_norm(grads, sharded_mask)
-        params = _stack(theta)
-        updates, opt_state = tx.update(_stack(grads), state["opt_state"], params)
-        params = optax.apply_updates(params, updates)
+        updates, opt_state = tx.update(grads, _unstack(state["opt_state"]), theta)
+        theta = optax.apply_updates(theta, updates)
+        replica_steps = state["replica_steps"] + 1
         if sync_rule is SyncRule.AVERAGE:
-            params = _stack(average_replicas(_unstack(params)))
+            theta = average_replicas(theta)
         elif sync_rule is SyncRule.OUTER:
-            theta, outer_state = outer.sync_after_step(_unstack(params), outer_state)
-            params = _stack(theta)
+            theta, outer_state, local_steps = outer.sync_after_step(theta, outer_state,
+                                                                    replica_steps)
             metrics["sync_weights"] = outer_state[REST].weights
-        new_state = {"params": params, "opt_state": opt_state}
+            metrics["sync_local_steps"] = local_steps
+        new_state = {"params": _stack(theta), "opt_state": _stack(opt_state),
+                     "replica_steps": replica_steps}
         if outer_state is not None:
             new_state["outer"] = outer_state
         # Per replica (averaged on the host): a collective here would tie the replicas together.
@@ -186,9 +197,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
 
     metric_specs = {"loss": P("replica"), "grad_norm": P("replica")}
     if sync_rule is SyncRule.LAYERWISE:
-        metric_specs.update(sync_weights=P(), sync_outliers=P())
+        metric_specs.update(sync_weights=P(), sync_outliers=P(), sync_local_steps=P(),
+                            replica_steps=P())
     elif sync_rule is SyncRule.OUTER:
-        metric_specs.update(sync_weights=P())
+        metric_specs.update(sync_weights=P(), sync_local_steps=P())
     step = jax.shard_map(local_step, mesh=layout.mesh, in_specs=(layout.state_specs, BATCH_SPEC),
                          out_specs=(layout.state_specs, metric_specs))
     return jax.jit(step, donate_argnums=0)

@@ -8,9 +8,10 @@ every replica then continues from phi. EDiT calls it for each layer inside the f
 layer scan (`layer_sync`), right before that layer's all-gather; DiLoCo calls it for every unit
 after the inner step (`sync_after_step`). Local SGD only averages (`average_replicas`).
 
-With `global` norm granularity the per-replica norms of the whole model's pseudo-gradient are
-computed once before the scan (scalar collectives only) and every unit uses them; with `layer`
-granularity each unit uses the norms of its own pseudo-gradient.
+What every unit's sync shares is gathered once before the scan, by scalar collectives only
+(`sync_inputs`): the local steps each replica ran since the last sync (for A-EDiT's step
+weighting and the metrics) and, with `global` norm granularity, the per-replica norms of the
+whole model's pseudo-gradient; with `layer` granularity each unit uses its own norms.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ import optax
 
 from edit_jax.config import MethodConfig
 from edit_jax.model import LAYER_GROUP, LayerSync, Params
-from edit_jax.outer import pseudo_gradient_penalty, replica_norms
+from edit_jax.outer import gather_replicas, pseudo_gradient_penalty, replica_norms
 from edit_jax.sharding import NOT_SHARDED
 
 REST = "rest"  # the unit of all non-layer parameters
-OuterState = dict  # {'phi': Params, 'rest': PenaltyState, 'layers': PenaltyState stacked over L}
+# {'phi': Params, 'rest': PenaltyState, 'layers': PenaltyState stacked over L,
+#  'synced_steps': i32[R], every replica's step count at the last sync}
+OuterState = dict
 
 
 def split_units(params: Params) -> tuple[Params, Params]:
@@ -101,33 +104,45 @@ class OuterSync:
                 weighting=penalty and cfg.weighting, clip_norm=cfg.clip_norm if penalty else 0.0,
                 temperature=cfg.temperature, alpha=cfg.anomaly_alpha,
                 anomaly_warmup=cfg.anomaly_warmup, threshold=cfg.anomaly_threshold,
+                step_weighting=cfg.step_weighting if penalty else 0.0,
                 replica_split_mask=split_mask)
 
         return cls(make(rest_mask, split_masks[0]), make(layer_mask, split_masks[1]),
                    penalty and cfg.norm_granularity == "global", sharded_mask, num_replicas,
                    replica_dims)
 
-    def init(self, phi: Params) -> OuterState:
+    def init(self, phi: Params, replica_steps: jax.Array | None = None) -> OuterState:
+        """Fresh outer state at phi; `replica_steps` (i32[R], default zeros) counts as synced."""
         rest, layers = split_units(phi)
+        if replica_steps is None:
+            replica_steps = jnp.zeros((self.num_replicas,), jnp.int32)
         return {"phi": phi, REST: self.rest_tx.init(rest),
-                LAYER_GROUP: jax.vmap(self.layer_tx.init)(layers)}
+                LAYER_GROUP: jax.vmap(self.layer_tx.init)(layers), "synced_steps": replica_steps}
 
-    def model_norms(self, theta: Params, phi: Params) -> jax.Array | None:
-        """f32[R] norms of every replica's whole pseudo-gradient, or None (per-unit norms)."""
-        if not self.global_norms:
-            return None
-        delta = jax.tree.map(jnp.subtract, phi, theta)
-        return replica_norms(delta, replica_axis="replica", shard_axis="shard",
-                             sharded_mask=self.sharded_mask)
+    def sync_inputs(self, theta: Params, outer: OuterState,
+                    replica_steps: jax.Array) -> tuple[dict, jax.Array]:
+        """(extra arguments of every unit's update, i32[R] every replica's step count).
 
-    def sync_unit(self, tx, theta: Params, phi: Params, state, norms, replica_dims):
+        `steps`: f32[R] local steps per replica since the last sync; `norms`: f32[R] norms of
+        every replica's whole pseudo-gradient (global granularity only). `replica_steps` is this
+        replica's count, shape (1,).
+        """
+        totals = gather_replicas(replica_steps[0], "replica")
+        extra = {"steps": (totals - outer["synced_steps"]).astype(jnp.float32)}
+        if self.global_norms:
+            delta = jax.tree.map(jnp.subtract, outer["phi"], theta)
+            extra["norms"] = replica_norms(delta, replica_axis="replica", shard_axis="shard",
+                                           sharded_mask=self.sharded_mask)
+        return extra, totals
+
+    def sync_unit(self, tx, theta: Params, phi: Params, state, extra: dict, replica_dims):
         """(new theta, new phi, new outer state) of one unit, from this replica's shard theta."""
         if replica_dims is None:
             delta = jax.tree.map(jnp.subtract, phi, theta)
         else:
             delta = jax.tree.map(lambda p, t, d: p[None] - _to_pieces(t, d, self.num_replicas),
                                  phi, theta, replica_dims)
-        updates, state = tx.update(delta, state, phi, norms=norms)
+        updates, state = tx.update(delta, state, phi, **extra)
         phi = optax.apply_updates(phi, updates)
         new_theta = phi if replica_dims is None else jax.tree.map(_from_piece, phi, replica_dims)
         return new_theta, phi, state
@@ -135,41 +150,44 @@ class OuterSync:
     def _unit_dims(self):
         return (None, None) if self.replica_dims is None else split_units(self.replica_dims)
 
-    def sync_rest(self, theta: Params, outer: OuterState, norms):
+    def sync_rest(self, theta: Params, outer: OuterState, extra: dict):
         """Sync the non-layer unit: (params to use, (new theta, new phi, new state) of it)."""
         rest_theta, _ = split_units(theta)
         rest_phi, _ = split_units(outer["phi"])
-        synced = self.sync_unit(self.rest_tx, rest_theta, rest_phi, outer[REST], norms,
+        synced = self.sync_unit(self.rest_tx, rest_theta, rest_phi, outer[REST], extra,
                                 self._unit_dims()[0])
         return {**theta, **_use_value(rest_theta, synced[0])}, synced
 
-    def layer_sync(self, outer: OuterState, norms) -> LayerSync:
+    def layer_sync(self, outer: OuterState, extra: dict) -> LayerSync:
         """The per-layer sync run inside the model's layer scan (EDiT); per-layer outputs are
         (new theta, new phi, new outer state)."""
         layer_dims = self._unit_dims()[1]
 
         def fn(theta_l: Params, xs):
             phi_l, state_l = xs
-            synced = self.sync_unit(self.layer_tx, theta_l, phi_l, state_l, norms, layer_dims)
+            synced = self.sync_unit(self.layer_tx, theta_l, phi_l, state_l, extra, layer_dims)
             return _use_value(theta_l, synced[0]), synced
 
         return LayerSync(fn, (outer["phi"][LAYER_GROUP], outer[LAYER_GROUP]))
 
-    def sync_after_step(self, theta: Params, outer: OuterState) -> tuple[Params, OuterState]:
-        """DiLoCo: every unit at once after the inner step; returns (new theta, outer)."""
-        norms = self.model_norms(theta, outer["phi"])
-        _, rest = self.sync_rest(theta, outer, norms)
+    def sync_after_step(self, theta: Params, outer: OuterState,
+                        replica_steps: jax.Array) -> tuple[Params, OuterState, jax.Array]:
+        """DiLoCo: every unit at once after the inner step; returns (new theta, outer, the
+        local steps per replica since the last sync)."""
+        extra, totals = self.sync_inputs(theta, outer, replica_steps)
+        _, rest = self.sync_rest(theta, outer, extra)
         layers = jax.vmap(
-            lambda t, p, s: self.sync_unit(self.layer_tx, t, p, s, norms, self._unit_dims()[1]))(
+            lambda t, p, s: self.sync_unit(self.layer_tx, t, p, s, extra, self._unit_dims()[1]))(
                 theta[LAYER_GROUP], outer["phi"][LAYER_GROUP], outer[LAYER_GROUP])
-        return assemble(rest, layers)
+        return (*assemble(rest, layers, totals), totals - outer["synced_steps"])
 
 
-def assemble(rest, layers) -> tuple[Params, OuterState]:
+def assemble(rest, layers, synced_steps: jax.Array) -> tuple[Params, OuterState]:
     """(theta, outer state) from the (new theta, new phi, new state) of both units."""
     theta = {**rest[0], LAYER_GROUP: layers[0]}
     phi = {**rest[1], LAYER_GROUP: layers[1]}
-    return theta, {"phi": phi, REST: rest[2], LAYER_GROUP: layers[2]}
+    return theta, {"phi": phi, REST: rest[2], LAYER_GROUP: layers[2],
+                   "synced_steps": synced_steps}
 
 
 def average_replicas(theta: Params) -> Params:

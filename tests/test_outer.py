@@ -223,6 +223,40 @@ def test_uniform_weights_and_non_finite_norms():
     np.testing.assert_array_equal(stats.mean[2:], [0, 0])
 
 
+def test_step_weighting_hand_values():
+    # Softmax weights at T=1 of norms (1, 2, 3): w = (0.66524, 0.24473, 0.09003). Steps since
+    # the last sync (6, 3, 1) -> shares (0.6, 0.3, 0.1); rho = 0.5 averages the two.
+    norms, steps = jnp.asarray([1.0, 2.0, 3.0]), jnp.asarray([6.0, 3.0, 1.0])
+    weights, _, _ = penalty_weights(norms, init_anomaly_stats(3), steps=steps, step_weighting=0.5)
+    np.testing.assert_allclose(weights, [0.6326204778874110, 0.2723642355273988,
+                                         0.0950152865851902], rtol=1e-6)
+    # rho = 1 with uniform norm weights: the step shares alone; an outlier (NaN norm) gets 0 and
+    # the shares are taken over the others: (6, 3) -> (2/3, 1/3).
+    weights, _, _ = penalty_weights(jnp.asarray([1.0, 2.0, jnp.nan]), init_anomaly_stats(3),
+                                    weighting=False, steps=steps, step_weighting=1.0)
+    np.testing.assert_allclose(weights, [2 / 3, 1 / 3, 0.0], rtol=1e-6)
+    with pytest.raises(ValueError, match="step counts"):
+        penalty_weights(norms, init_anomaly_stats(3), step_weighting=0.5)
+
+
+def test_step_weighted_sync_under_vmap():
+    """The weighted combination uses the mixed weights: phi moves by -lr * sum_r w_r delta_r."""
+    tx = pseudo_gradient_penalty(optax.sgd(1.0), replica_axis="replica", num_replicas=2,
+                                 anomaly=False, weighting=False, clip_norm=0, step_weighting=1.0)
+    phi = {"w": jnp.zeros(2)}
+    thetas = {"w": jnp.asarray([[1.0, 1.0], [4.0, 4.0]])}
+
+    def sync(theta, state):
+        delta = jax.tree.map(jnp.subtract, phi, theta)
+        updates, state = tx.update(delta, state, phi, steps=jnp.asarray([3.0, 1.0]))
+        return optax.apply_updates(phi, updates), state
+
+    new_phi, state = jax.vmap(sync, axis_name="replica", in_axes=(0, None),
+                              out_axes=None)(thetas, tx.init(phi))
+    np.testing.assert_allclose(state.weights, [0.75, 0.25])
+    np.testing.assert_allclose(new_phi["w"], [1.75, 1.75], rtol=1e-6)  # 0.75*1 + 0.25*4
+
+
 def test_statistics_update():
     _, stats, _ = penalty_weights(jnp.asarray([1.0, 2.0, 3.0]), init_anomaly_stats(3))
     np.testing.assert_allclose(stats.mean, [0.02, 0.04, 0.06], rtol=1e-6)

@@ -39,13 +39,18 @@ def _batches():
     return [rng.integers(0, VOCAB, (ROWS, 17)).astype(np.int32) for _ in range(STEPS)]
 
 
-def _run_ours(method: MethodConfig):
+def _run_ours(method: MethodConfig, before_step=lambda t, state: state):
+    """Losses, final state and each sync's local steps per replica; `before_step(t, state)` may
+    change the state before step t."""
     program = build_program(_config(method), VOCAB)
-    state, losses = program.init_state(), []
+    state, losses, synced = program.init_state(), [], []
     for t, batch in enumerate(_batches()):
+        state = before_step(t, state)
         state, metrics, _ = program.step(state, t, jax.device_put(batch, program.layout.batch_sharding))
         losses.append(float(metrics["loss"].mean()))
-    return losses, state
+        if "sync_local_steps" in metrics:
+            synced.append(np.asarray(metrics["sync_local_steps"]).tolist())
+    return losses, state, synced
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -92,7 +97,7 @@ class ReferenceSync:
         self.count = [0 for _ in phi_units]
         self.weights_log, self.outliers_log = [], []
 
-    def _weights(self, u, norms):
+    def _weights(self, u, norms, steps):
         m = self.m
         outlier = ~np.isfinite(norms)
         if self.penalty and m.anomaly and self.count[u] >= m.anomaly_warmup:
@@ -113,10 +118,15 @@ class ReferenceSync:
             w = np.exp(logits - logits[keep].max())
         else:
             w = keep.astype(np.float64)
-        return w / w.sum()
+        w = w / w.sum()
+        if self.penalty and m.step_weighting > 0:  # A-EDiT: mix in the shares of local steps
+            share = np.where(keep, steps, 0.0) / np.where(keep, steps, 0.0).sum()
+            w = (1 - m.step_weighting) * w + m.step_weighting * share
+        return w
 
-    def sync(self, thetas_units):
-        """thetas_units[r][u] = list of arrays; returns the new phi units (theta_r <- phi)."""
+    def sync(self, thetas_units, steps):
+        """thetas_units[r][u] = list of arrays, steps[r] = local steps since the last sync;
+        returns the new phi units (theta_r <- phi)."""
         deltas = [[[p - t for p, t in zip(self.phi[u], thetas_units[r][u])]
                    for u in range(len(self.phi))] for r in range(R)]
         global_norms = np.array([np.sqrt(sum(np.sum(x ** 2) for unit in deltas[r] for x in unit))
@@ -128,7 +138,7 @@ class ReferenceSync:
                                   for r in range(R)])
             else:
                 norms = global_norms
-            w = self._weights(u, norms)
+            w = self._weights(u, norms, np.asarray(steps, np.float64))
             self.weights_log.append(w)
             if not w.any():  # every replica is an outlier: skip the outer step
                 continue
@@ -145,7 +155,8 @@ class ReferenceSync:
         return self.phi
 
 
-def _run_reference(method: MethodConfig, penalty: bool, rule: str):
+def _run_reference(method: MethodConfig, penalty: bool, rule: str, sync_steps=None):
+    """sync_steps: the local steps per replica each sync sees (default: tau each)."""
     graphdef, params0 = init_model(MODEL, VOCAB, 0)
     tx = optax.chain(optax.clip_by_global_norm(OPT.clip_norm),
                      optax.adamw(lr_schedule(OPT, STEPS), b1=OPT.b1, b2=OPT.b2, eps=OPT.eps,
@@ -155,12 +166,13 @@ def _run_reference(method: MethodConfig, penalty: bool, rule: str):
     opt_states = [tx.init(params0) for _ in range(R)]
     outer, losses = None, []
     W, tau = method.warmup_steps, method.sync_every
+    sync_steps = iter(sync_steps or [[tau] * R] * STEPS)
     for t, batch in enumerate(_batches()):
         rows = [batch[8 * r:8 * (r + 1)] for r in range(R)]
         if t == W and rule != "average":
             outer = ReferenceSync(method, _unit_arrays(thetas[0]), penalty)
         if rule == "layerwise" and t > W and (t - W) % tau == 0:
-            phi = outer.sync([_unit_arrays(th) for th in thetas])
+            phi = outer.sync([_unit_arrays(th) for th in thetas], next(sync_steps))
             thetas = [_set_units(thetas[r], phi) for r in range(R)]
         results = [grad_fn(thetas[r], rows[r]) for r in range(R)]
         grads = [g for _, g in results]
@@ -173,7 +185,7 @@ def _run_reference(method: MethodConfig, penalty: bool, rule: str):
         losses.append(float(np.mean([loss for loss, _ in results])))
         if t >= W and (t + 1 - W) % tau == 0 and rule in ("outer", "average"):
             if rule == "outer":
-                phi = outer.sync([_unit_arrays(th) for th in thetas])
+                phi = outer.sync([_unit_arrays(th) for th in thetas], next(sync_steps))
                 thetas = [_set_units(thetas[r], phi) for r in range(R)]
             else:
                 mean = jax.tree.map(lambda a, b: (a + b) / 2, *thetas)
@@ -201,7 +213,7 @@ ANOMALY = dataclasses.replace(EDIT, anomaly_threshold=3.0)  # both flagged at sy
     ANOMALY,
 ], ids=["global-norms", "layer-norms", "outer-sharded-over-replica", "all-outliers-skip"])
 def test_edit_with_penalty_equals_reference(method):
-    losses, state = _run_ours(method)
+    losses, state, _ = _run_ours(method)
     ref_losses, ref_thetas, ref = _run_reference(method, penalty=True, rule="layerwise")
     np.testing.assert_allclose(losses, ref_losses, atol=1e-4, rtol=0)
     _assert_replicas_equal(state, ref_thetas, 1e-4)
@@ -220,8 +232,8 @@ def test_edit_with_penalty_equals_reference(method):
 
 def test_edit_without_penalty_is_diloco():
     plain = dataclasses.replace(EDIT, anomaly=False, weighting=False, clip_norm=0.0)
-    edit_losses, edit_state = _run_ours(plain)
-    diloco_losses, diloco_state = _run_ours(dataclasses.replace(plain, name="diloco"))
+    edit_losses, edit_state, _ = _run_ours(plain)
+    diloco_losses, diloco_state, _ = _run_ours(dataclasses.replace(plain, name="diloco"))
     ref_losses, ref_thetas, _ = _run_reference(plain, penalty=False, rule="outer")
     np.testing.assert_allclose(diloco_losses, ref_losses, atol=1e-4, rtol=0)
     _assert_replicas_equal(diloco_state, ref_thetas, 1e-4)
@@ -235,13 +247,13 @@ def test_edit_without_penalty_is_diloco():
 def test_local_sgd_and_the_averaging_identity():
     """local_sgd averages; edit with tau=1, outer lr 1, momentum 0, no penalty does the same."""
     avg = MethodConfig(name="local_sgd", warmup_steps=2, sync_every=1)
-    losses, state = _run_ours(avg)
+    losses, state, _ = _run_ours(avg)
     ref_losses, ref_thetas, _ = _run_reference(avg, penalty=False, rule="average")
     np.testing.assert_allclose(losses, ref_losses, atol=1e-4, rtol=0)
     _assert_replicas_equal(state, ref_thetas, 1e-4)
     identity = MethodConfig(name="edit", warmup_steps=2, sync_every=1, outer_lr=1.0,
                             outer_momentum=0.0, anomaly=False, weighting=False, clip_norm=0.0)
-    id_losses, id_state = _run_ours(identity)
+    id_losses, id_state, _ = _run_ours(identity)
     np.testing.assert_allclose(id_losses, losses, atol=1e-5, rtol=0)
     _, ref_id_thetas, _ = _run_reference(identity, penalty=False, rule="layerwise")
     _assert_replicas_equal(id_state, ref_id_thetas, 1e-4)
@@ -254,3 +266,27 @@ def test_schedule_of_step_kinds():
     assert kinds == [D, D, L, L, L, S, L, L, S, L, L]
     diloco = build_program(_config(dataclasses.replace(EDIT, name="diloco")), VOCAB)
     assert [diloco.method.kind(t) for t in range(STEPS)] == [D, D, L, L, S, L, L, S, L, L, S]
+
+
+def test_step_weighted_sync_with_unequal_local_steps_equals_reference():
+    """A-EDiT's step weighting: replica 1 is made to look 2 steps behind at the first sync
+    (3 and 1 local steps since the last sync), as a slower replica would be; both syncs mix the
+    shares of local steps into the weights, and the metrics report the counts."""
+    method = dataclasses.replace(WEIGHTING, step_weighting=0.6)
+
+    def lag_replica_1(t, state):
+        if t != 5:
+            return state
+        steps = np.asarray(state["replica_steps"]) - np.array([0, 2], np.int32)
+        return {**state, "replica_steps": jax.device_put(steps, state["replica_steps"].sharding)}
+
+    losses, state, synced = _run_ours(method, lag_replica_1)
+    assert synced == [[3, 1], [3, 3]]
+    ref_losses, ref_thetas, ref = _run_reference(method, penalty=True, rule="layerwise",
+                                                 sync_steps=synced)
+    np.testing.assert_allclose(losses, ref_losses, atol=1e-4, rtol=0)
+    _assert_replicas_equal(state, ref_thetas, 1e-4)
+    first_rest_weights = ref.weights_log[0]
+    assert first_rest_weights[0] > 0.6  # the step share (3/4) pulls towards replica 0
+    np.testing.assert_allclose(state["outer"]["rest"].weights, ref.weights_log[-len(ref.phi)],
+                               atol=1e-4)
