@@ -82,15 +82,19 @@ class Checkpointer:
         """(state, config) of `step`, laid out as `target`'s ShapeDtypeStructs with shardings.
 
         The target's mesh may differ from the one saved from; tree structure and shapes must
-        match. `data_iterator`, if given, is moved in place to the saved position.
+        match. `data_iterator`, if given, is moved in place to the saved position: this
+        process's, or, if the checkpoint was saved by another number of processes, process 0's
+        (every process reads the same stream of global batches, data.py).
         """
         step_dir = self._step_dir(step)
         items = {"state": ocp.args.StandardRestore(target), "config": ocp.args.JsonRestore()}
+        _require_items(step_dir, [*items, *(["data"] if data_iterator is not None else [])])
+        data_file = None
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        _require_items(step_dir, items)
-        if data_iterator is not None:
-            self._check_data_state(step_dir)
+            data_file = self._data_state_file(step_dir)
+            if data_file.name == _data_file_name(jax.process_index(), jax.process_count()):
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+                data_file = None
         saved = jax.tree.leaves(self.saved_state_shapes(step, like=target))
         for (path, t), s in zip(jax.tree_util.tree_flatten_with_path(target)[0], saved):
             if s.shape != t.shape:
@@ -99,6 +103,8 @@ class Checkpointer:
                                 f"{_MISMATCH_FIX}")
         with _read_errors(step_dir):
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+            if data_file is not None:
+                data_iterator.set_state(json.loads(data_file.read_text()))
         return restored["state"], restored["config"]
 
     def saved_state_shapes(self, step: int, *, like=None):
@@ -135,13 +141,17 @@ class Checkpointer:
                             "resume from an existing step or use a new run.run_dir")
         return step_dir
 
-    def _check_data_state(self, step_dir: Path) -> None:
-        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # grain's file name
-        if not (step_dir / "data" / name).is_file():
-            raise UserError(f"checkpoint {step_dir} has no data-iterator state for this process "
-                            f"(data/{name} is missing); resume with the number of processes it "
-                            "was saved with, or delete that step directory to resume from an "
-                            "earlier one")
+    def _data_state_file(self, step_dir: Path) -> Path:
+        """This process's data-iterator state, or process 0's of another process count."""
+        own = step_dir / "data" / _data_file_name(jax.process_index(), jax.process_count())
+        if own.is_file():
+            return own
+        saved = list((step_dir / "data").glob(_data_file_name(0, "*")))
+        if saved and _saved_count(saved[0]) != jax.process_count():
+            return saved[0]
+        raise UserError(f"checkpoint {step_dir} has no data-iterator state for this process "
+                        f"(data/{own.name} is missing); delete that step directory to resume "
+                        "from an earlier one")
 
     @contextlib.contextmanager
     def _write_errors(self) -> Iterator[None]:
@@ -150,6 +160,15 @@ class Checkpointer:
         except OSError as e:
             raise UserError(f"cannot write checkpoints in {self.directory} ({_reason(e)}); free "
                             "disk space, fix permissions or set run.run_dir to a new path") from e
+
+
+def _data_file_name(process_index, process_count) -> str:
+    """grain's name for one process's iterator state."""
+    return f"process_{process_index}-of-{process_count}.json"
+
+
+def _saved_count(data_file: Path) -> int:
+    return int(data_file.stem.rsplit("-of-", 1)[1])
 
 
 def _require_items(step_dir: Path, names) -> None:

@@ -1,6 +1,7 @@
 """`edit-jax` command line: a thin layer that parses arguments and calls the library.
 
-Bad input raises `UserError`, which is printed as one line (`error: ...`) with exit status 2.
+Bad input raises `UserError`, which is printed as one line (`error: ...`) with exit status 2;
+a lost peer process in a multi-process run (`PeerFailure`) likewise, with exit status 3.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import argparse
 import json
 import sys
 
-from edit_jax.errors import UserError
+from edit_jax.errors import PeerFailure, UserError, exit_at_once
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +35,23 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.add_argument("overrides", nargs="*", metavar="key=value",
                          help="dotted config overrides, e.g. method.name=diloco")
+    launch = commands.add_parser(
+        "launch", help="run `train` as N local processes (multi-process on one machine)",
+        description="Start N `edit-jax train` processes on this machine, joined by "
+                    "jax.distributed on a free localhost port, each with D fake CPU devices "
+                    "(JAX_PLATFORMS defaults to cpu), so that with mesh.replica=N each process "
+                    "holds one replica. Output is prefixed [p0], [p1], ...; if one process fails "
+                    "the others are stopped; Ctrl-C reaches all of them (they save a checkpoint "
+                    "and exit). For trying multi-process runs on one machine: on a cluster, run "
+                    "`edit-jax train --coordinator-address HOST:PORT --num-processes N "
+                    "--process-id I` once per host instead.")
+    launch.add_argument("--processes", type=int, required=True, metavar="N",
+                        help="number of processes")
+    launch.add_argument("--devices-per-process", type=int, metavar="D",
+                        help="fake CPU devices per process (default: mesh.num_cpu_devices / N)")
+    launch.add_argument("--config", help="YAML file or a name in configs/")
+    launch.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides, passed to every process")
     return parser
 
 
@@ -43,7 +61,8 @@ def _train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     start_jax(cfg.mesh, distributed_args_from_env(args.coordinator_address, args.num_processes,
-                                                  args.process_id))
+                                                  args.process_id),
+              peer_timeout_s=cfg.run.barrier_timeout_seconds)
     from edit_jax.train import train  # imports JAX-heavy modules only after start-up
 
     summary = train(cfg)
@@ -65,20 +84,32 @@ def _inspect(args: argparse.Namespace) -> None:
     print(json.dumps(report) if args.json else format_report(report))
 
 
-COMMANDS = {"train": _train, "inspect": _inspect}
+def _launch(args: argparse.Namespace) -> int:
+    from edit_jax.config import load_config
+    from edit_jax.launch import devices_per_process, launch
+
+    cfg = load_config(args.config, args.overrides)
+    devices = devices_per_process(cfg.mesh, args.processes, args.devices_per_process)
+    config = ["--config", args.config] if args.config else []
+    return launch([*config, *args.overrides], args.processes, devices)
+
+
+COMMANDS = {"train": _train, "inspect": _inspect, "launch": _launch}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+    except PeerFailure as e:
+        exit_at_once(e)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from edit_jax.errors import UserError
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
-METHODS = ("ddp", "local_sgd", "post_local_sgd", "diloco", "edit")
+METHODS = ("ddp", "local_sgd", "post_local_sgd", "diloco", "edit", "a_edit")
+PENALTY_METHODS = ("edit", "a_edit")  # the layer-wise sync with the pseudo-gradient penalty
 NORM_GRANULARITIES = ("global", "layer")
 DATA_SOURCES = ("bundled", "files", "tfds")
 
@@ -92,12 +93,15 @@ class MethodConfig:
     """The distributed training method, its sync schedule, outer optimizer and penalty.
 
     Local methods run `warmup_steps` synchronous (DDP) steps, then sync every `sync_every` local
-    steps. The outer optimizer (SGD with Nesterov momentum) and the shard-over-replica option
-    apply to diloco and edit; the pseudo-gradient penalty (anomaly, weighting, clip) to edit.
+    steps; a_edit instead syncs when `sync_interval_seconds` of local steps have passed on each
+    replica's own clock. The outer optimizer (SGD with Nesterov momentum) and the
+    shard-over-replica option apply to diloco, edit and a_edit; the pseudo-gradient penalty
+    (anomaly, weighting, clip, step weighting) to edit and a_edit.
     """
 
-    name: str = "edit"  # ddp | local_sgd | post_local_sgd | diloco | edit
+    name: str = "edit"  # ddp | local_sgd | post_local_sgd | diloco | edit | a_edit
     sync_every: int = 8  # tau: local steps between syncs
+    sync_interval_seconds: float = 2.0  # a_edit: local-step time between syncs, per replica
     warmup_steps: int = 30  # synchronous steps before the first local step
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
@@ -110,7 +114,20 @@ class MethodConfig:
     anomaly_warmup: int = 120  # syncs before outliers are detected
     anomaly_threshold: float = 3.0
     norm_granularity: str = "global"  # global: one norm per replica; layer: per synced unit
+    step_weighting: float = 0.0  # rho: weights (1 - rho) * norm weights + rho * step shares
     shard_outer_over_replica: bool = False  # outer state 2P/(R*S) per device instead of 2P/S
+
+
+@dataclasses.dataclass(frozen=True)
+class StragglerConfig:
+    """Injected slowness for experiments: per replica, empty = none (one value per replica).
+
+    After each of its steps a replica sleeps (slowdown - 1) x the step's own time plus
+    delay_seconds, so slowdown 3 makes it three times slower than it would be.
+    """
+
+    slowdown: tuple[float, ...] = ()
+    delay_seconds: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +143,7 @@ class RunConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     progress: bool = True
+    barrier_timeout_seconds: float = 300.0  # multi-process: longest wait for the other processes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +153,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
+    straggler: StragglerConfig = dataclasses.field(default_factory=StragglerConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
 
@@ -251,15 +270,21 @@ def validate(c: Config) -> None:
     _require(k.anomaly_threshold > 0, "method.anomaly_threshold", "must be positive")
     _require(k.norm_granularity in NORM_GRANULARITIES, "method.norm_granularity",
              f"'{k.norm_granularity}' is not one of {NORM_GRANULARITIES}")
-    _require(not k.shard_outer_over_replica or k.name in ("diloco", "edit"),
-             "method.shard_outer_over_replica", "only diloco and edit have an outer state")
-    _require(not (k.shard_outer_over_replica and k.name == "edit"
+    _require(k.sync_interval_seconds > 0, "method.sync_interval_seconds", "must be positive")
+    _require(0.0 <= k.step_weighting <= 1.0, "method.step_weighting", "must be in [0, 1]")
+    _require(not k.shard_outer_over_replica or k.name in ("diloco", *PENALTY_METHODS),
+             "method.shard_outer_over_replica", "only diloco, edit and a_edit have an outer state")
+    _require(not (k.shard_outer_over_replica and k.name in PENALTY_METHODS
                   and k.norm_granularity == "global"), "method.norm_granularity",
              "method.shard_outer_over_replica needs norm_granularity=layer (global norms would "
              "exchange every parameter a second time); set method.norm_granularity=layer")
     for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
-                "keep_checkpoints"):
+                "keep_checkpoints", "barrier_timeout_seconds"):
         _require(getattr(r, key) > 0, f"run.{key}", "must be positive")
+    _require(all(f >= 1 for f in c.straggler.slowdown), "straggler.slowdown",
+             "factors must be >= 1 (1 = full speed)")
+    _require(all(d >= 0 for d in c.straggler.delay_seconds), "straggler.delay_seconds",
+             "delays must be >= 0")
 
 
 def to_dict(config: Config) -> dict:

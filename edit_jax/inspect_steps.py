@@ -82,6 +82,7 @@ def inspect_program(program: Program,
         "param_bytes_per_shard": param_bytes / mesh.shape["shard"],
         "outer_state_bytes_per_device": bytes_per_device(program.abstract_state().get("outer")),
         "sync_every": program.method.sync_every,
+        "timed_syncs": program.method.timed,  # a_edit: tau is nominal, syncs follow the clock
         "replica_bytes_per_step": mean(steps[k.value]["replica_bytes"] for k in period),
         "replica_wire_bytes_per_step": mean(steps[k.value]["replica_wire_bytes"] for k in period),
         "steps": steps,
@@ -91,8 +92,9 @@ def inspect_program(program: Program,
 def format_report(report: dict) -> str:
     """`inspect_program` output as text: the sizes, then one `format_table` per step kind."""
     mesh = report["mesh"]
+    nominal = "nominal " if report["timed_syncs"] else ""
     per_step = ("replica bytes per step" if report["method"] == "ddp"
-                else f"replica bytes per step (mean of tau={report['sync_every']})")
+                else f"replica bytes per step (mean of {nominal}tau={report['sync_every']})")
     header = (f"method {report['method']}: {report['num_params']:,} parameters on a "
               f"{mesh['replica']} x {mesh['shard']} ('replica', 'shard') mesh of "
               f"{report['device_kind']} devices; bytes are per device")

@@ -52,8 +52,14 @@ def distributed_args_from_env(coordinator_address: str | None = None,
     )
 
 
-def start_jax(mesh_cfg: MeshConfig, dist: DistributedArgs = DistributedArgs()) -> None:
-    """Set up fake CPU devices and join the other processes; call before any JAX computation."""
+def start_jax(mesh_cfg: MeshConfig, dist: DistributedArgs = DistributedArgs(),
+              peer_timeout_s: float = 300.0) -> None:
+    """Set up fake CPU devices and join the other processes; call before any JAX computation.
+
+    JAX's coordination service ends every process (with a C++ stack trace) once a peer has
+    missed heartbeats for its timeout; that timeout is set well above `peer_timeout_s` (the
+    run's barrier timeout), so that our own clearer error (peers.py) comes first.
+    """
     jax.config.update("jax_num_cpu_devices", mesh_cfg.num_cpu_devices)
     cluster = any(v in os.environ for v in _CLUSTER_ENV_VARS)
     if dist.coordinator_address is None and dist.num_processes is None and not cluster:
@@ -64,7 +70,8 @@ def start_jax(mesh_cfg: MeshConfig, dist: DistributedArgs = DistributedArgs()) -
                             "--process-id (or JAX_COORDINATOR_ADDRESS / JAX_PROCESS_ID)")
         if not 0 <= dist.process_id < dist.num_processes:
             raise UserError(f"process id {dist.process_id} is outside 0..{dist.num_processes - 1}")
-    jax.distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id)
+    jax.distributed.initialize(dist.coordinator_address, dist.num_processes, dist.process_id,
+                               heartbeat_timeout_seconds=int(max(100, 2 * peer_timeout_s + 30)))
 
 
 def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int]:

@@ -11,6 +11,8 @@ gradients over `replica` and in the sync rule run on sync steps:
                             after the inner step, whole model at once
   edit            W >= 0    layerwise: the outer step with the pseudo-gradient penalty, layer by
                             layer inside the forward pass of the sync step
+  a_edit          W >= 0    layerwise, but timed: each replica runs local steps until
+                            `sync_interval_seconds` have passed on its own clock (a_edit.py)
 
 Steps 0..W-1 are DDP steps; phi <- theta when step W begins. The layer-wise sync at the start
 of step W + k*tau sees the same tau local steps as the after-step sync at the end of step
@@ -39,7 +41,7 @@ class SyncRule(enum.Enum):
 
 
 RULES = {"ddp": SyncRule.NONE, "local_sgd": SyncRule.AVERAGE, "post_local_sgd": SyncRule.AVERAGE,
-         "diloco": SyncRule.OUTER, "edit": SyncRule.LAYERWISE}
+         "diloco": SyncRule.OUTER, "edit": SyncRule.LAYERWISE, "a_edit": SyncRule.LAYERWISE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +56,18 @@ class Method:
         return cls(cfg.name, RULES[cfg.name], cfg.warmup_steps, cfg.sync_every)
 
     @property
+    def timed(self) -> bool:
+        """Whether replicas sync by their clocks (a_edit), not every `sync_every` steps."""
+        return self.name == "a_edit"
+
+    @property
     def has_outer_state(self) -> bool:
         """Whether the train state carries phi and the outer optimizer state."""
         return self.rule in (SyncRule.OUTER, SyncRule.LAYERWISE)
 
     def kind(self, step: int) -> StepKind:
-        """The kind of step `step` (0-based: the number of steps already taken)."""
+        """The kind of step `step` (0-based: the number of steps already taken); for a timed
+        method, the kind it would have if every replica ran `sync_every` steps per interval."""
         if self.rule is SyncRule.NONE or step < self.warmup_steps:
             return StepKind.DDP
         local_index = step - self.warmup_steps

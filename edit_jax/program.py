@@ -13,7 +13,7 @@ import functools
 import jax
 import optax
 
-from edit_jax.config import Config
+from edit_jax.config import PENALTY_METHODS, Config
 from edit_jax.errors import UserError
 from edit_jax.mesh import make_mesh
 from edit_jax.methods import Method, StepKind
@@ -100,6 +100,6 @@ def build_program(cfg: Config, vocab_size: int, devices=None) -> Program:
                                            replicas)
                         if cfg.method.shard_outer_over_replica else None)
         outer = OuterSync.create(cfg.method, replicas, sharded_mask,
-                                 penalty=method.name == "edit", replica_dims=replica_dims)
+                                 penalty=method.name in PENALTY_METHODS, replica_dims=replica_dims)
     return Program(cfg, vocab_size, graphdef, params_shapes, tx, method, outer,
                    make_layout(mesh, params_shapes, tx, outer))

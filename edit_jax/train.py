@@ -1,8 +1,10 @@
 """The training loop: data -> sharded step -> metrics, evaluation, checkpoints, progress.
 
-Rerunning the same command resumes from the newest checkpoint in `run.run_dir` (parameters,
-optimizer state, data position). Ctrl-C or SIGTERM finishes the current step, saves a checkpoint
-and exits; a second Ctrl-C stops at once.
+Each iteration is one step, or for a_edit after its warm-up one round: this process's local
+phase on its own clock, then the sync with every other process (a_edit.py). Rerunning the same
+command resumes from the newest checkpoint in `run.run_dir` (parameters, optimizer state, data
+position). Ctrl-C or SIGTERM finishes the current step or round, saves a checkpoint and exits; a
+second Ctrl-C stops at once. In a multi-process run, a lost process stops the others (peers.py).
 """
 
 from __future__ import annotations
@@ -13,20 +15,22 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from edit_jax import data as data_lib
+from edit_jax.a_edit import LocalPhase, local_replica_indices
 from edit_jax.checkpoint import Checkpointer
 from edit_jax.config import Config, to_dict
+from edit_jax.elastic import restore
 from edit_jax.errors import UserError
 from edit_jax.methods import StepKind
 from edit_jax.optimizer import lr_schedule
+from edit_jax.peers import Watchdog, barrier, collective_errors
 from edit_jax.program import Program, build_program
-from edit_jax.step import Layout, TrainState, stack_replicas
+from edit_jax.step import Layout, TrainState
+from edit_jax.stragglers import Straggler
 from edit_jax.tokenizer import load_tokenizer
 
 
@@ -85,58 +89,6 @@ def _global_batch(layout: Layout, local_rows: np.ndarray, global_rows: int) -> j
         layout.batch_sharding, local_rows, (global_rows, local_rows.shape[1]))
 
 
-def _without_replica_axis(spec: P) -> P:
-    """The spec with the 'replica' mesh axis removed (the leaf is then whole on every replica)."""
-
-    def drop(entry):
-        if isinstance(entry, tuple):
-            kept = tuple(a for a in entry if a != "replica")
-            return kept if len(kept) > 1 else (kept[0] if kept else None)
-        return None if entry == "replica" else entry
-
-    return P(*(drop(e) for e in spec))
-
-
-def _restore(ckpt: Checkpointer, step: int, program: Program, iterator):
-    """Restore onto this mesh. With another replica count (elastic resume): phi and the outer
-    momentum carry over, every replica restarts from phi once the local phase has begun (from
-    replica 0 during the synchronous warm-up, when all replicas are equal), the inner optimizer
-    moments come from replica 0, and the per-replica penalty statistics start afresh."""
-    layout = program.layout
-    target = program.abstract_state()
-    saved = ckpt.saved_state_shapes(step, like=target)
-    if all(s.shape == t.shape for s, t in zip(jax.tree.leaves(saved), jax.tree.leaves(target))):
-        return ckpt.restore(step, target, data_iterator=iterator)[0]
-    saved_replicas = jax.tree.leaves(saved["params"])[0].shape[0]
-    from_phi = program.outer is not None and step >= program.method.warmup_steps
-    log(f"checkpoint has {saved_replicas} replicas, this mesh {layout.num_replicas}: every "
-        f"replica restarts from {'phi' if from_phi else 'replica 0'}")
-
-    def as_saved(t, s):
-        if s.shape == t.shape:
-            return t
-        sharding = NamedSharding(layout.mesh, _without_replica_axis(t.sharding.spec))
-        return jax.ShapeDtypeStruct(s.shape, t.dtype, sharding=sharding)
-
-    restored = ckpt.restore(step, jax.tree.map(as_saved, target, saved),
-                            data_iterator=iterator)[0]
-
-    def convert(state):
-        def leaf(x, t):
-            if x.shape == t.shape:
-                return x
-            if t.sharding.spec[:1] == ("replica",):
-                return jnp.broadcast_to(x[0], t.shape)
-            return jnp.zeros(t.shape, t.dtype)  # per-replica statistics
-
-        state = jax.tree.map(leaf, state, target)
-        if from_phi:
-            state["params"] = stack_replicas(state["outer"]["phi"], layout.num_replicas)
-        return state
-
-    return jax.jit(convert, out_shardings=layout.state_shardings)(restored)
-
-
 def train(cfg: Config) -> dict:
     """Run (or resume) training as configured; returns the final summary."""
     run_dir = Path(cfg.run.run_dir)
@@ -161,71 +113,188 @@ def train(cfg: Config) -> dict:
                         keep=cfg.run.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
-        state = _restore(ckpt, start, program, iterator)
+        state = restore(ckpt, start, program, iterator, log=log)
         log(f"resumed from step {start} in {run_dir}")
     else:
         state = program.init_state()
 
-    summary = _loop(program, state, iterator, eval_batches, ckpt, start,
-                    MetricsLog(run_dir / "metrics.jsonl", start))
+    summary = _Loop(program, state, iterator, eval_batches, ckpt, start,
+                    MetricsLog(run_dir / "metrics.jsonl", start)).run()
     ckpt.close()
     return summary
 
 
-def _loop(program: Program, state: TrainState, iterator, eval_batches, ckpt: Checkpointer,
-          start: int, metrics: MetricsLog) -> dict:
-    cfg, run, layout, eval_step = program.cfg, program.cfg.run, program.layout, program.eval_step
-    schedule = lr_schedule(cfg.optimizer, run.steps)
-    tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
-    config_dict = to_dict(cfg)
+class _Steps:
+    """Every replica's inner step count on the host, and the run's step: the largest of them.
 
-    def evaluate(step: int, record: bool = True) -> float:
-        loss = float(np.mean([float(eval_step(state["params"], b)) for b in eval_batches]))
+    The replicas of a synchronous method are always equal; a_edit's drift apart between syncs,
+    and its step is that of the fastest replica (known to every process after each sync).
+    """
+
+    def __init__(self, state: TrainState):
+        self.per_replica = np.asarray(multihost_utils.process_allgather(state["replica_steps"],
+                                                                        tiled=True))
+
+    @property
+    def step(self) -> int:
+        return int(self.per_replica.max())
+
+    def total(self) -> int:
+        return int(self.per_replica.sum())
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of `every` lies in (before, after]."""
+    return after // every > before // every
+
+
+class _Loop:
+    """One run's loop state: the program and train state, data, logs, checkpoints, and the
+    guards of a multi-process run (peers.py). `run()` trains to `run.steps`."""
+
+    def __init__(self, program: Program, state: TrainState, iterator, eval_batches,
+                 ckpt: Checkpointer, start: int, metrics: MetricsLog):
+        self.program, self.state, self.iterator = program, state, iterator
+        self.eval_batches, self.ckpt, self.metrics = eval_batches, ckpt, metrics
+        self.cfg, layout = program.cfg, program.layout
+        self.step = start
+        self.steps = _Steps(state)
+        self.tokens_per_replica_step = (self.cfg.data.global_batch_size // layout.num_replicas
+                                        * self.cfg.data.seq_len)
+        self.straggler = Straggler.for_replicas(self.cfg.straggler, layout.num_replicas,
+                                                local_replica_indices(layout.mesh))
+        self.local_phase = LocalPhase(program, self.straggler) if program.method.timed else None
+        self.watchdog = Watchdog(self.cfg.run.barrier_timeout_seconds)
+        self.started = time.perf_counter()  # for the rows' wall_time
+        self.schedule = lr_schedule(self.cfg.optimizer, self.cfg.run.steps)
+
+    def run(self) -> dict:
+        run = self.cfg.run
+        with self.watchdog, collective_errors("training"), StopRequest() as self.stop:
+            self.eval_loss = self.evaluate() if self.step == 0 else None
+            self.interval = (time.perf_counter(), self.step)  # when the logged interval began
+            with tqdm(total=run.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                      disable=not run.progress or jax.process_index()) as self.bar:
+                while self.step < run.steps:
+                    step_metrics, kind = self.advance()  # compiles what it runs first
+                    with self.watchdog.guard(f"step {self.step + 1}"):
+                        self.after(step_metrics, kind)
+            with self.watchdog.guard("the last checkpoint"):
+                self.ckpt.wait()
+            if self.eval_loss is None:  # the run had already finished: report, don't record
+                self.eval_loss = self.evaluate(record=False)
+        summary = {"step": self.step, "final_eval_loss": self.eval_loss, "tokens": self.tokens()}
+        log(f"done: {self.step} steps, {summary['tokens']:,} tokens, final eval loss "
+            f"{self.eval_loss:.4f}")
+        return summary
+
+    def after(self, step_metrics: dict, kind: StepKind) -> None:
+        """The books after a step or round: counts, metrics rows, progress, evaluation,
+        checkpoints and stop requests."""
+        run = self.cfg.run
+        before, self.step = self.step, self.record_steps(step_metrics)
+        self.bar.update(self.step - before)
+        if kind is StepKind.SYNC and "sync_weights" in step_metrics:
+            self.metrics.write(_sync_row(self.step, step_metrics))
+        if _crossed(before, self.step, run.log_every) or self.step == run.steps:
+            started, first_step = self.interval
+            row = self.train_row(step_metrics,
+                                 (time.perf_counter() - started) / (self.step - first_step))
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tok_s']:,.0f}")
+            self.interval = (time.perf_counter(), self.step)
+        if _crossed(before, self.step, run.eval_every) or self.step == run.steps:
+            self.eval_loss = self.evaluate()
+        self.save_or_stop(before)
+
+    def advance(self) -> tuple[dict, StepKind]:
+        """One step, or for a_edit past its warm-up one round of local steps and a sync."""
+        if self.local_phase is not None and self.step >= self.program.method.warmup_steps:
+            return self.timed_round()
+        started = time.perf_counter()
+        self.state, step_metrics, kind = self.program.step(self.state, self.step,
+                                                           self.next_batch())
+        with self.watchdog.guard(f"step {self.step + 1}"):
+            self.straggler.after_step(step_metrics["loss"], started)
+        return step_metrics, kind
+
+    def timed_round(self) -> tuple[dict, StepKind]:
+        """a_edit: this process's local phase, then the sync step with every other process."""
+        program, run, step = self.program, self.cfg.run, self.step
+        if program.method.begins_local_phase(step):
+            self.state = program.begin_local_phase(self.state)
+        mine = int(self.steps.per_replica[self.local_phase.local.replicas].max())
+        self.state, _ = self.local_phase.run(self.state, lambda: next(self.iterator), mine,
+                                             run.steps, lambda: self.stop.requested)
+        barrier(f"edit-jax-sync-after-{step}", run.barrier_timeout_seconds,
+                f"the sync after step {step}")
+        started = time.perf_counter()
+        self.state, step_metrics = program.train_steps[StepKind.SYNC](self.state,
+                                                                      self.next_batch())
+        with self.watchdog.guard(f"the sync after step {step}"):
+            self.straggler.after_step(step_metrics["loss"], started)
+        return step_metrics, StepKind.SYNC
+
+    def next_batch(self) -> jax.Array:
+        return _global_batch(self.program.layout, next(self.iterator),
+                             self.cfg.data.global_batch_size)
+
+    def record_steps(self, step_metrics: dict) -> int:
+        """Update every replica's step count after a step or round; returns the run's step."""
+        if "replica_steps" in step_metrics:
+            self.steps.per_replica = np.asarray(step_metrics["replica_steps"])
+        else:
+            self.steps.per_replica = self.steps.per_replica + 1
+        return self.steps.step
+
+    def wall_time(self) -> float:
+        """Seconds since this run (or resumed run) started its loop."""
+        return round(time.perf_counter() - self.started, 3)
+
+    def tokens(self) -> int:
+        return self.steps.total() * self.tokens_per_replica_step
+
+    def train_row(self, step_metrics: dict, step_time: float) -> dict:
+        """Write a train row; returns it with the tokens/s the progress bar shows."""
+        loss = float(step_metrics["loss"].mean())
+        row = {"step": self.step, "loss": loss, "lr": float(self.schedule(self.step - 1)),
+               "tokens": self.tokens(), "step_time": step_time,
+               "grad_norm": float(step_metrics["grad_norm"].mean()),
+               "wall_time": self.wall_time()}
+        self.metrics.write(row)
+        return {**row, "tok_s": self.cfg.data.global_batch_size * self.cfg.data.seq_len
+                / step_time}
+
+    def evaluate(self, record: bool = True) -> float:
+        losses = []
+        for batch in self.eval_batches:
+            with self.watchdog.paused():  # the first call compiles
+                loss = self.program.eval_step(self.state["params"], batch)
+            losses.append(float(loss))
+        loss = float(np.mean(losses))
         if record:
-            metrics.write({"step": step, "eval_loss": loss})
-        log(f"step {step}: eval loss {loss:.4f}")
+            self.metrics.write({"step": self.step, "eval_loss": loss,
+                                "wall_time": self.wall_time()})
+        log(f"step {self.step}: eval loss {loss:.4f}")
         return loss
 
-    eval_loss = evaluate(0) if start == 0 else None
-    step, interval_start, interval_steps = start, time.perf_counter(), 0
-    bar = tqdm(total=run.steps, initial=start, disable=not run.progress or jax.process_index(),
-               unit="step", dynamic_ncols=True)
-    with StopRequest() as stop:
-        while step < run.steps:
-            batch = _global_batch(layout, next(iterator), cfg.data.global_batch_size)
-            state, step_metrics, kind = program.step(state, step, batch)
-            if kind is StepKind.SYNC and "sync_weights" in step_metrics:
-                row = {"step": step + 1, "sync": True,
-                       "weights": np.asarray(step_metrics["sync_weights"]).round(6).tolist()}
-                if "sync_outliers" in step_metrics:
-                    row["outliers"] = int(step_metrics["sync_outliers"])
-                metrics.write(row)
-            step += 1
-            interval_steps += 1
-            bar.update(1)
-            if step % run.log_every == 0 or step == run.steps:
-                loss = float(step_metrics["loss"].mean())  # blocks: the interval's time is now real
-                step_time = (time.perf_counter() - interval_start) / interval_steps
-                metrics.write({"step": step, "loss": loss, "lr": float(schedule(step - 1)),
-                               "tokens": step * tokens_per_step, "step_time": step_time,
-                               "grad_norm": float(step_metrics["grad_norm"].mean())})
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / step_time:,.0f}")
-                interval_start, interval_steps = time.perf_counter(), 0
-            if step % run.eval_every == 0 or step == run.steps:
-                eval_loss = evaluate(step)
-            stopping = stop.agreed()
-            ckpt.save(step, state, config=config_dict, data_iterator=iterator,
-                      force=stopping or step == run.steps)
-            if stopping:
-                ckpt.wait()
-                bar.close()
-                raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved in "
-                                        f"{Path(run.run_dir) / 'checkpoints'}; rerun the same "
-                                        "command to resume")
-    bar.close()
-    ckpt.wait()
-    if eval_loss is None:  # the run had already finished: report, don't record twice
-        eval_loss = evaluate(step, record=False)
-    summary = {"step": step, "final_eval_loss": eval_loss, "tokens": step * tokens_per_step}
-    log(f"done: {step} steps, {summary['tokens']:,} tokens, final eval loss {eval_loss:.4f}")
-    return summary
+    def save_or_stop(self, before: int) -> None:
+        """Checkpoint when due; on a stop request (any process), save and stop every process."""
+        run, step = self.cfg.run, self.step
+        stopping = self.stop.agreed()
+        self.ckpt.save(step, self.state, config=to_dict(self.cfg), data_iterator=self.iterator,
+                       force=stopping or step == run.steps
+                       or _crossed(before, step, run.checkpoint_every))
+        if stopping:
+            self.ckpt.wait()
+            raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved in "
+                                    f"{Path(run.run_dir) / 'checkpoints'}; rerun the same "
+                                    "command to resume")
+
+
+def _sync_row(step: int, step_metrics: dict) -> dict:
+    row = {"step": step, "sync": True,
+           "weights": np.asarray(step_metrics["sync_weights"]).round(6).tolist(),
+           "local_steps": np.asarray(step_metrics["sync_local_steps"]).tolist()}
+    if "sync_outliers" in step_metrics:
+        row["outliers"] = int(step_metrics["sync_outliers"])
+    return row

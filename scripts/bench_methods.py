@@ -21,6 +21,8 @@ import tempfile
 from benchlib import TIMED_CALLS, time_step, write_report
 
 METHODS = ("ddp", "local_sgd", "diloco", "edit")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None)
@@ -74,8 +76,9 @@ def main() -> None:
 
     ddp = rows[0]
     for row in rows:
-        row["replica_bytes_ratio_vs_ddp"] = (row["replica_bytes_per_step"]
-                                             / ddp["replica_bytes_per_step"])
+        row["replica_bytes_ratio_vs_ddp"] = (  # None on one replica, where nothing crosses
+            row["replica_bytes_per_step"] / ddp["replica_bytes_per_step"]
+            if ddp["replica_bytes_per_step"] else None)
         row["step_time_ratio_vs_ddp"] = {kind: t / ddp["step_time_s"]["ddp"]
                                          for kind, t in row["step_time_s"].items()}
     if not args.skip_training:
@@ -99,8 +102,9 @@ def main() -> None:
         local = ratios.get("local", ratios.get("ddp"))
         sync = f"{ratios['sync']:8.2f}" if "sync" in ratios else f"{'-':>8}"
         loss = f"{row['final_eval_loss']:8.4f}" if "final_eval_loss" in row else f"{'-':>8}"
-        print(f"{row['method']:>10} | {row['replica_bytes_per_step']:14,.0f} | "
-              f"{row['replica_bytes_ratio_vs_ddp']:6.3f} | "
+        bytes_ratio = row["replica_bytes_ratio_vs_ddp"]
+        bytes_ratio = f"{bytes_ratio:6.3f}" if bytes_ratio is not None else f"{'-':>6}"
+        print(f"{row['method']:>10} | {row['replica_bytes_per_step']:14,.0f} | {bytes_ratio} | "
               f"{row['outer_state_bytes_per_device']:13,} | {local:9.2f} | {sync} | {loss}")
     report = {"device": device, "device_kind": jax.devices()[0].device_kind,
               "mesh": {"replica": replicas, "shard": shards}, "sync_every": args.sync_every,

@@ -1,5 +1,6 @@
 """Checkpointer: exact round trips across mesh shapes, retention, crash safety, clear errors."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -196,6 +197,21 @@ def test_corrupt_checkpoint(copy_of_saved, corrupt, reason):
     assert reason in message and "\n" not in message
     assert message.endswith("delete that step directory to resume from an earlier one, "
                             "or use a new run.run_dir")
+
+
+def test_data_state_of_another_process_count_resumes_at_process_0s_position(copy_of_saved):
+    """A checkpoint written by 2 processes, resumed by 1: process 0's iterator state is used."""
+    data_dir = copy_of_saved / "5" / "data"
+    saved_state = (data_dir / "process_0-of-1.json").read_text()
+    (data_dir / "process_0-of-1.json").rename(data_dir / "process_0-of-2.json")
+    (data_dir / "process_1-of-2.json").write_text("not read")
+    iterator = data_iterator()
+    Checkpointer(copy_of_saved, save_every=1, keep=3).restore(
+        5, target_for(make_mesh((2, 4)), host_state()), data_iterator=iterator)
+    expected = data_iterator()
+    next(expected)  # the saved iterator had yielded one element
+    assert json.loads(saved_state) == expected.get_state() == iterator.get_state()
+    np.testing.assert_array_equal(next(iterator), next(expected))
 
 
 def test_missing_data_state(copy_of_saved):

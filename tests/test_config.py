@@ -37,6 +37,14 @@ def test_overrides_are_typed_and_win(tmp_path):
     (["method.name=nope"], "'method.name'"),
     (["data.source=files"], "data.source=files needs data.paths"),
     (["steps"], "bad override 'steps': write section.key=value"),
+    (["method.name=a_edit", "method.sync_interval_seconds=0"],
+     "'method.sync_interval_seconds': must be positive"),
+    (["method.step_weighting=1.5"], "'method.step_weighting': must be in [0, 1]"),
+    (["straggler.slowdown=[1,0.5]"], "'straggler.slowdown': factors must be >= 1"),
+    (["straggler.delay_seconds=[-1,0]"], "'straggler.delay_seconds': delays must be >= 0"),
+    (["run.barrier_timeout_seconds=0"], "'run.barrier_timeout_seconds': must be positive"),
+    (["method.name=a_edit", "method.shard_outer_over_replica=true"],
+     "needs norm_granularity=layer"),
 ])
 def test_bad_input_is_one_line_naming_the_key(overrides, message):
     with pytest.raises(UserError) as e:
@@ -56,3 +64,10 @@ def test_missing_and_broken_files(tmp_path):
     scalar.write_text("3\n")
     with pytest.raises(UserError, match="must be a mapping"):
         load_config(str(scalar))
+
+
+def test_straggler_lists_and_a_edit_load():
+    cfg = load_config(None, ["method.name=a_edit", "straggler.slowdown=[1,3]",
+                             "straggler.delay_seconds=[0.5,0]"])
+    assert cfg.method.name == "a_edit"
+    assert cfg.straggler.slowdown == (1.0, 3.0) and cfg.straggler.delay_seconds == (0.5, 0.0)

@@ -9,19 +9,7 @@ import numpy as np
 import pytest
 
 from edit_jax.cli import main
-
-SMALL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-         "model.d_ff=128", "data.seq_len=32", "data.global_batch_size=16", "run.log_every=1",
-         "run.eval_every=4", "run.eval_batches=1", "run.progress=false",
-         "optimizer.warmup_steps=2", "optimizer.decay_steps=8"]
-
-
-def _train(run_dir, *overrides):
-    code = main(["train", *SMALL, f"run.run_dir={run_dir}", *overrides])
-    assert code == 0
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}, rows
-
+from runs import EDIT, SMALL, final_state, train as _train
 
 def test_resume_continues_exactly(tmp_path):
     straight, _ = _train(tmp_path / "a", "run.steps=8", "run.checkpoint_every=100")
@@ -84,25 +72,6 @@ def test_default_command_learns(tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["summary"]["step"] == 60
 
 
-EDIT = ["method.name=edit", "method.warmup_steps=2", "method.sync_every=3",
-        "method.anomaly_warmup=1", "method.anomaly_threshold=6", "method.temperature=0.05",
-        "method.clip_norm=0.05"]
-
-
-def _final_state(run_dir, steps):
-    """The state in a run's final checkpoint, restored with the run's own config."""
-    from edit_jax.checkpoint import Checkpointer
-    from edit_jax.config import load_config
-    from edit_jax.program import build_program
-
-    cfg = load_config(None, [*SMALL, *EDIT, f"run.steps={steps}"])
-    program = build_program(cfg, 257)
-    ckpt = Checkpointer(run_dir / "checkpoints", save_every=1, keep=1)
-    state, _ = ckpt.restore(steps, program.abstract_state())
-    ckpt.close()
-    return state
-
-
 def test_saving_checkpoints_does_not_change_the_edit_trajectory(tmp_path):
     rarely, _ = _train(tmp_path / "a", *EDIT, "run.steps=10", "run.checkpoint_every=100")
     always, _ = _train(tmp_path / "b", *EDIT, "run.steps=10", "run.checkpoint_every=1")
@@ -116,39 +85,9 @@ def test_edit_resume_restores_the_outer_state_exactly(tmp_path):
     np.testing.assert_allclose([resumed[s] for s in range(7, 11)],
                                [straight[s] for s in range(7, 11)], atol=1e-6, rtol=0)
     assert [r["step"] for r in rows if r.get("sync")] == [6, 9]
-    a, b = _final_state(tmp_path / "a", 10), _final_state(tmp_path / "b", 10)
+    a, b = final_state(tmp_path / "a", 10, *EDIT), final_state(tmp_path / "b", 10, *EDIT)
     outer_a, outer_b = a["outer"], b["outer"]
     assert int(outer_a["rest"].stats.count) == 2  # two syncs fed the penalty statistics
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
     np.testing.assert_array_equal(outer_a["rest"].stats.mean, outer_b["rest"].stats.mean)
-
-
-def test_edit_resumes_with_another_replica_count(tmp_path):
-    """R=2 -> R=4: phi and momentum carry over, every replica restarts from phi."""
-    from edit_jax.checkpoint import Checkpointer
-    from edit_jax.config import load_config
-    from edit_jax.program import build_program
-    from edit_jax.train import _restore
-
-    _train(tmp_path, *EDIT, "run.steps=7", "run.checkpoint_every=7")  # a sync ran at step 5
-    saved = _final_state(tmp_path, 7)
-    cfg = load_config(None, [*SMALL, *EDIT, "run.steps=7", "mesh.replica=4", "mesh.shard=2"])
-    ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1, keep=1)
-    state = _restore(ckpt, 7, build_program(cfg, 257), None)
-    ckpt.close()
-    for phi, new_phi, theta in zip(jax.tree.leaves(saved["outer"]["phi"]),
-                                   jax.tree.leaves(state["outer"]["phi"]),
-                                   jax.tree.leaves(state["params"])):
-        np.testing.assert_array_equal(np.asarray(new_phi), np.asarray(phi))
-        assert theta.shape[0] == 4
-        for r in range(4):
-            np.testing.assert_array_equal(np.asarray(theta)[r], np.asarray(phi))
-    old_trace = saved["outer"]["rest"].inner_state[0].trace["embed"]["embedding"]
-    new_trace = state["outer"]["rest"].inner_state[0].trace["embed"]["embedding"]
-    np.testing.assert_array_equal(np.asarray(new_trace), np.asarray(old_trace))
-    assert state["outer"]["rest"].stats.mean.shape == (4,)
-    assert not np.any(np.asarray(state["outer"]["rest"].stats.mean))
-    resumed, _ = _train(tmp_path, *EDIT, "run.steps=10", "run.checkpoint_every=100",
-                        "mesh.replica=4", "mesh.shard=2")
-    assert all(np.isfinite(resumed[s]) for s in range(8, 11))

@@ -1,0 +1,74 @@
+"""Restoring a checkpoint onto this run's mesh, also with another replica count (elastic).
+
+The shard split is resharded by orbax whatever the mesh. When the replica count changes,
+replica-varying state cannot carry over one to one, so the rule is: phi and the outer momentum
+carry over; every replica restarts from phi once the local phase has begun (from replica 0
+during the synchronous warm-up, when all replicas are equal); the inner optimizer state (AdamW
+moments and step counts) comes from replica 0 and every replica's step counter is the
+checkpoint's step; the per-replica penalty
+statistics start afresh; the data position is that of the checkpoint's process 0 when the
+process count changed too (checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from edit_jax.checkpoint import Checkpointer
+from edit_jax.program import Program
+from edit_jax.step import TrainState, stack_replicas
+
+
+def _without_replica_axis(spec: P) -> P:
+    """The spec with the 'replica' mesh axis removed (the leaf is then whole on every replica)."""
+
+    def drop(entry):
+        if isinstance(entry, tuple):
+            kept = tuple(a for a in entry if a != "replica")
+            return kept if len(kept) > 1 else (kept[0] if kept else None)
+        return None if entry == "replica" else entry
+
+    return P(*(drop(e) for e in spec))
+
+
+def restore(ckpt: Checkpointer, step: int, program: Program, iterator, log=print) -> TrainState:
+    """The state of checkpoint `step` on `program`'s mesh (the module docstring says how a
+    change of replica count is handled); moves `iterator` to the saved data position."""
+    layout = program.layout
+    target = program.abstract_state()
+    saved = ckpt.saved_state_shapes(step, like=target)
+    if all(s.shape == t.shape for s, t in zip(jax.tree.leaves(saved), jax.tree.leaves(target))):
+        return ckpt.restore(step, target, data_iterator=iterator)[0]
+    saved_replicas = jax.tree.leaves(saved["params"])[0].shape[0]
+    from_phi = program.outer is not None and step >= program.method.warmup_steps
+    log(f"checkpoint has {saved_replicas} replicas, this mesh {layout.num_replicas}: every "
+        f"replica restarts from {'phi' if from_phi else 'replica 0'}")
+
+    def as_saved(t, s):
+        if s.shape == t.shape:
+            return t
+        sharding = NamedSharding(layout.mesh, _without_replica_axis(t.sharding.spec))
+        return jax.ShapeDtypeStruct(s.shape, t.dtype, sharding=sharding)
+
+    restored = ckpt.restore(step, jax.tree.map(as_saved, target, saved),
+                            data_iterator=iterator)[0]
+
+    def convert(state):
+        def leaf(x, t):
+            if x.shape == t.shape:
+                return x
+            if t.sharding.spec[:1] == ("replica",):
+                return jnp.broadcast_to(x[0], t.shape)
+            return jnp.zeros(t.shape, t.dtype)  # per-replica statistics
+
+        steps = jnp.max(state["replica_steps"])  # the checkpoint's step, also for a_edit
+        state = jax.tree.map(leaf, state, target)
+        state["replica_steps"] = jnp.full_like(state["replica_steps"], steps)
+        if from_phi:
+            state["params"] = stack_replicas(state["outer"]["phi"], layout.num_replicas)
+            state["outer"]["synced_steps"] = state["replica_steps"]
+        return state
+
+    return jax.jit(convert, out_shardings=layout.state_shardings)(restored)

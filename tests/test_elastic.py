@@ -1,0 +1,63 @@
+"""Elastic resume: a checkpoint of R replicas continues on R' != R replicas and another shard
+count, for every method with an outer state; phi and the outer momentum carry over exactly."""
+
+import jax
+import numpy as np
+import pytest
+
+from edit_jax.checkpoint import Checkpointer
+from edit_jax.config import load_config
+from edit_jax.elastic import restore
+from edit_jax.program import build_program
+from runs import EDIT, SMALL, VOCAB, final_state, train
+
+A_EDIT = ["method.name=a_edit", *EDIT[1:], "method.sync_interval_seconds=0.2",
+          "method.step_weighting=0.5"]
+METHODS = {"edit": EDIT, "diloco": ["method.name=diloco", *EDIT[1:]], "a_edit": A_EDIT}
+
+
+def _restored(run_dir, step, method, mesh):
+    cfg = load_config(None, [*SMALL, *method, f"run.steps={step}", *mesh])
+    ckpt = Checkpointer(run_dir / "checkpoints", save_every=1, keep=1)
+    state = restore(ckpt, step, build_program(cfg, VOCAB), None, log=lambda _: None)
+    ckpt.close()
+    return state
+
+
+def _assert_restarts_from_phi(saved, state, replicas, step):
+    for phi, new_phi, theta in zip(jax.tree.leaves(saved["outer"]["phi"]),
+                                   jax.tree.leaves(state["outer"]["phi"]),
+                                   jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(np.asarray(new_phi), np.asarray(phi))
+        assert theta.shape[0] == replicas
+        for r in range(replicas):
+            np.testing.assert_array_equal(np.asarray(theta)[r], np.asarray(phi))
+    old_trace = saved["outer"]["rest"].inner_state[0].trace["embed"]["embedding"]
+    new_trace = state["outer"]["rest"].inner_state[0].trace["embed"]["embedding"]
+    np.testing.assert_array_equal(np.asarray(new_trace), np.asarray(old_trace))
+    assert state["outer"]["rest"].stats.mean.shape == (replicas,)
+    assert not np.any(np.asarray(state["outer"]["rest"].stats.mean))  # statistics start afresh
+    np.testing.assert_array_equal(state["replica_steps"], [step] * replicas)
+    np.testing.assert_array_equal(state["outer"]["synced_steps"], [step] * replicas)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_resume_on_more_then_fewer_replicas(tmp_path, name):
+    """R=2 (2x4 mesh) -> R=4 (4x2) -> R=1 (1x8): each hop restarts every replica from phi,
+    then training goes on with syncs over the new replica count."""
+    method = METHODS[name]
+    _, rows = train(tmp_path, *method, "run.steps=9", "run.checkpoint_every=100")
+    assert any(r.get("sync") for r in rows)
+    step, saved_mesh = 9, ["mesh.replica=2", "mesh.shard=4"]
+    for replicas, shards, steps in ((4, 2, 14), (1, 8, 18)):
+        mesh = [f"mesh.replica={replicas}", f"mesh.shard={shards}"]
+        saved = final_state(tmp_path, step, *method, *saved_mesh)
+        _assert_restarts_from_phi(saved, _restored(tmp_path, step, method, mesh), replicas, step)
+        losses, rows = train(tmp_path, *method, f"run.steps={steps}",
+                             "run.checkpoint_every=100", *mesh)
+        assert max(r["step"] for r in rows) == steps
+        last_sync = [r for r in rows if r.get("sync")][-1]
+        assert last_sync["step"] > step
+        assert len(last_sync["weights"]) == len(last_sync["local_steps"]) == replicas
+        assert all(np.isfinite(loss) for loss in losses.values())
+        step, saved_mesh = steps, mesh
