@@ -10,6 +10,10 @@ from edit_jax import launch
 from edit_jax.config import MeshConfig
 from edit_jax.errors import UserError
 
+# The launcher forks (to arm the parent-death signal); here, unlike in `edit-jax launch`, JAX's
+# threads already run in the forking process, which JAX warns about. The child only execs.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called")
+
 
 def test_devices_per_process():
     assert launch.devices_per_process(MeshConfig(2, 4, 8), 2, None) == 4
