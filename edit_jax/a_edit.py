@@ -62,8 +62,7 @@ class LocalReplicas:
         rows = data.global_batch_size * len(self.replicas) // mesh.shape["replica"]
         batch = jax.ShapeDtypeStruct((rows, data.seq_len + 1), np.int32,
                                      sharding=self.layout.batch_sharding)
-        state = {k: v for k, v in self.layout.abstract_state(program.params_shapes, program.tx,
-                                                             None).items()}
+        state = self.layout.abstract_state(program.params_shapes, program.tx, None)
         # Compiled now, so that compilation does not eat into the first interval.
         self.step = make_train_step(program.graphdef, program.tx, self.layout,
                                     StepKind.LOCAL).lower(state, batch).compile()

@@ -5,9 +5,8 @@ replica-varying state cannot carry over one to one, so the rule is: phi and the 
 carry over; every replica restarts from phi once the local phase has begun (from replica 0
 during the synchronous warm-up, when all replicas are equal); the inner optimizer state (AdamW
 moments and step counts) comes from replica 0 and every replica's step counter is the
-checkpoint's step; the per-replica penalty
-statistics start afresh; the data position is that of the checkpoint's process 0 when the
-process count changed too (checkpoint.py).
+checkpoint's step; the per-replica penalty statistics start afresh; the data position is that
+of the checkpoint's process 0 when the process count changed too (checkpoint.py).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from edit_jax.errors import UserError
 
 
 class Straggler:
-    """This process's injected slowness: `after_step(seconds)` sleeps as configured."""
+    """This process's injected slowness: `after_step(output, started)` sleeps as configured."""
 
     def __init__(self, slowdown: float = 1.0, delay_seconds: float = 0.0):
         self.slowdown, self.delay_seconds = slowdown, delay_seconds
@@ -31,11 +31,11 @@ class Straggler:
             if values and len(values) != num_replicas:
                 raise UserError(f"straggler.{key} has {len(values)} values for {num_replicas} "
                                 f"replicas; give one per replica (or none)")
-        slowdown = max((cfg.slowdown[r] for r in local_replicas), default=1.0) \
-            if cfg.slowdown else 1.0
-        delay = max((cfg.delay_seconds[r] for r in local_replicas), default=0.0) \
-            if cfg.delay_seconds else 0.0
-        return cls(slowdown, delay)
+
+        def slowest(values: Sequence[float], neutral: float) -> float:
+            return max((values[r] for r in local_replicas), default=neutral) if values else neutral
+
+        return cls(slowest(cfg.slowdown, 1.0), slowest(cfg.delay_seconds, 0.0))
 
     @property
     def active(self) -> bool:
