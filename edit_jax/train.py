@@ -118,7 +118,7 @@ def train(cfg: Config) -> dict:
     else:
         state = program.init_state()
 
-    summary = _Loop(program, state, iterator, eval_batches, ckpt, start,
+    summary = _Loop(program, state, iterator, eval_batches, ckpt,
                     MetricsLog(run_dir / "metrics.jsonl", start)).run()
     ckpt.close()
     return summary
@@ -142,6 +142,13 @@ class _Steps:
     def total(self) -> int:
         return int(self.per_replica.sum())
 
+    def advance(self, step_metrics: dict) -> None:
+        """After a step or round: the counts a sync step reports, or one more step each."""
+        if "replica_steps" in step_metrics:
+            self.per_replica = np.asarray(step_metrics["replica_steps"])
+        else:
+            self.per_replica = self.per_replica + 1
+
 
 def _crossed(before: int, after: int, every: int) -> bool:
     """Whether a multiple of `every` lies in (before, after]."""
@@ -153,12 +160,11 @@ class _Loop:
     guards of a multi-process run (peers.py). `run()` trains to `run.steps`."""
 
     def __init__(self, program: Program, state: TrainState, iterator, eval_batches,
-                 ckpt: Checkpointer, start: int, metrics: MetricsLog):
+                 ckpt: Checkpointer, metrics: MetricsLog):
         self.program, self.state, self.iterator = program, state, iterator
         self.eval_batches, self.ckpt, self.metrics = eval_batches, ckpt, metrics
         self.cfg, layout = program.cfg, program.layout
-        self.step = start
-        self.steps = _Steps(state)
+        self.steps = _Steps(state)  # the run's step: the checkpoint's on a resume
         self.tokens_per_replica_step = (self.cfg.data.global_batch_size // layout.num_replicas
                                         * self.cfg.data.seq_len)
         self.straggler = Straggler.for_replicas(self.cfg.straggler, layout.num_replicas,
@@ -167,6 +173,11 @@ class _Loop:
         self.watchdog = Watchdog(self.cfg.run.barrier_timeout_seconds)
         self.started = time.perf_counter()  # for the rows' wall_time
         self.schedule = lr_schedule(self.cfg.optimizer, self.cfg.run.steps)
+        self.config_dict = to_dict(self.cfg)  # saved with every checkpoint
+
+    @property
+    def step(self) -> int:
+        return self.steps.step
 
     def run(self) -> dict:
         run = self.cfg.run
@@ -192,7 +203,8 @@ class _Loop:
         """The books after a step or round: counts, metrics rows, progress, evaluation,
         checkpoints and stop requests."""
         run = self.cfg.run
-        before, self.step = self.step, self.record_steps(step_metrics)
+        before = self.step
+        self.steps.advance(step_metrics)
         self.bar.update(self.step - before)
         if kind is StepKind.SYNC and "sync_weights" in step_metrics:
             self.metrics.write(_sync_row(self.step, step_metrics))
@@ -238,14 +250,6 @@ class _Loop:
         return _global_batch(self.program.layout, next(self.iterator),
                              self.cfg.data.global_batch_size)
 
-    def record_steps(self, step_metrics: dict) -> int:
-        """Update every replica's step count after a step or round; returns the run's step."""
-        if "replica_steps" in step_metrics:
-            self.steps.per_replica = np.asarray(step_metrics["replica_steps"])
-        else:
-            self.steps.per_replica = self.steps.per_replica + 1
-        return self.steps.step
-
     def wall_time(self) -> float:
         """Seconds since this run (or resumed run) started its loop."""
         return round(time.perf_counter() - self.started, 3)
@@ -281,7 +285,7 @@ class _Loop:
         """Checkpoint when due; on a stop request (any process), save and stop every process."""
         run, step = self.cfg.run, self.step
         stopping = self.stop.agreed()
-        self.ckpt.save(step, self.state, config=to_dict(self.cfg), data_iterator=self.iterator,
+        self.ckpt.save(step, self.state, config=self.config_dict, data_iterator=self.iterator,
                        force=stopping or step == run.steps
                        or _crossed(before, step, run.checkpoint_every))
         if stopping:
