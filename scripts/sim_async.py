@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-from pathlib import Path
 
 import numpy as np
+from benchlib import write_report
 
 from edit_jax.async_sim import PAPER_STEP_TIMES, SimConfig, SimResult, simulate
 from edit_jax.config import DataConfig, ModelConfig
@@ -87,13 +86,9 @@ def main() -> None:
         print(f"{name:<21}{row['final_loss']:>8.3f}{row['last3_loss']:>8.3f}"
               f"{row['end_time']:>10.1f}{'-' if reached is None else f'{reached:.1f}':>14}"
               f"{row['loss_at_common_time']:>12.3f}{row['local_steps']:>13}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": dataclasses.asdict(model), "data": dataclasses.asdict(data),
-                               "table": table,
-                               "runs": {k: dataclasses.asdict(v) for k, v in results.items()}},
-                              indent=1))
-    print(f"wrote {out}")
+    write_report({"model": dataclasses.asdict(model), "data": dataclasses.asdict(data),
+                  "table": table, "runs": {k: dataclasses.asdict(v) for k, v in results.items()}},
+                 args.out)
 
 
 if __name__ == "__main__":
