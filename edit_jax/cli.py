@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
         "train", help="train (or resume) a model",
         description="Train a Llama on the ('replica', 'shard') mesh. Rerunning the same command "
                     "resumes from the newest checkpoint in run.run_dir.")
-    train.add_argument("--config", help="YAML file or a name in configs/ (tiny, small, 350m, ...)")
+    train.add_argument("--config", help="YAML file or a bundled config name (tiny, small, 350m, 1b, ...)")
     train.add_argument("--coordinator-address", help="HOST:PORT of process 0 (multi-host runs)")
     train.add_argument("--num-processes", type=int, help="number of processes (multi-host runs)")
     train.add_argument("--process-id", type=int, help="this process's index (multi-host runs)")
@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Compile every step kind the configured method runs (nothing is allocated) "
                     "and report, per device, the collective bytes over each mesh axis (loops "
                     "counted), compiled memory, parameter and outer-state sizes.")
-    inspect.add_argument("--config", help="YAML file or a name in configs/")
+    inspect.add_argument("--config", help="YAML file or a bundled config name")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
     inspect.add_argument("overrides", nargs="*", metavar="key=value",
                          help="dotted config overrides, e.g. method.name=diloco")
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="number of processes")
     launch.add_argument("--devices-per-process", type=int, metavar="D",
                         help="fake CPU devices per process (default: mesh.num_cpu_devices / N)")
-    launch.add_argument("--config", help="YAML file or a name in configs/")
+    launch.add_argument("--config", help="YAML file or a bundled config name")
     launch.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, passed to every process")
     return parser

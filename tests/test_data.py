@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import grain
 import numpy as np
@@ -39,6 +41,18 @@ def test_bundled_documents_are_chapters_split_into_train_and_val():
     assert val[0].startswith("And Joseph fell upon his father's face")
     assert not set(train) & set(val)
     assert len(set(train) | set(val)) == 1189
+
+
+def test_bundled_corpus_loads_without_setuptools():
+    """As in a new Python 3.12 venv: no setuptools, so the `bible` package cannot be imported."""
+    code = ("import sys; sys.modules['pkg_resources'] = sys.modules['setuptools'] = None\n"
+            "from edit_jax import data\n"
+            "docs = data._bundled_documents()\n"
+            "assert 'bible' not in sys.modules\n"
+            "print(len(docs), docs[0][:16])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "1189 In the beginning"
 
 
 def test_held_out_rule_on_hand_made_lists():
