@@ -4,6 +4,8 @@ Expected bytes are hand-computed with the payload convention of `edit_jax.inspec
 (all-gather: result bytes; the other kinds: operand bytes) and its ring wire convention.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,7 +149,12 @@ def test_logical_ids_are_mesh_positions():
                                in_specs=FLAT, out_specs=FLAT))
     x = jnp.arange(8.0)
     compiled = fn.lower(x).compile()
-    assert "replica_groups={{0,1,2,3},{4,5,6,7}}" in compiled.as_text()
+    # jax 0.10 prints {{0,1,2,3},{4,5,6,7}}, jax 0.11+ mesh['replica'=2,'shard'=4] {'shard'}:
+    # either way the groups are mesh positions, never the permuted device ids.
+    printed = re.findall(r"replica_groups=(mesh\[[^{]*\{[^}]*\}|\{[{}\d,]*\}|\S+?),",
+                         compiled.as_text())
+    assert len(printed) == 1, printed
+    assert parse_replica_groups(printed[0]) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert only_row(compiled, mesh).axis == "shard"
     out = fn(jax.device_put(x, NamedSharding(mesh, FLAT)))
     np.testing.assert_allclose(out, [6, 6, 6, 6, 22, 22, 22, 22])
@@ -280,6 +287,54 @@ def test_literal_hlo_async_loops_and_forms():
     summary = summarize(rows.values())
     assert summary["by_axis"]["shard"]["bytes"] == 1024 + 6 * 4096 + 4096
     assert summary["by_axis"]["none"]["ops"] == 1 and not summary["exact"]
+
+
+# The groups of one all-reduce over `shard` and one over `replica` on a (2, 4) mesh, in each form
+# jax 0.10-0.12 print: explicit (shard_map on 0.10), iota and mesh axes with XLA's axis names
+# (partitioner on 0.10), mesh axes with the JAX mesh's names (shard_map on 0.11 and 0.12), and
+# mesh axes over an explicit id mesh.
+REPLICA_GROUP_FORMS = {
+    "explicit (jax 0.10 shard_map)": ("{{0,1,2,3},{4,5,6,7}}", "{{0,4},{1,5},{2,6},{3,7}}"),
+    "iota (jax 0.10-0.12 partitioner)": ("[2,4]<=[8]", "[4,2]<=[2,4]T(1,0)"),
+    "mesh, XLA names (jax 0.10 partitioner)": ("mesh['axis_0'=2,'axis_1'=4] {'axis_1'}",
+                                               "mesh['axis_0'=2,'axis_1'=4] {'axis_0'}"),
+    "mesh, JAX names (jax 0.11-0.12)": ("mesh['replica'=2,'shard'=4] {'shard'}",
+                                        "mesh['replica'=2,'shard'=4] {'replica'}"),
+    "mesh with device ids": ("mesh['a'=2,'b'=4], device_ids=([8]) {'b'}",
+                             "mesh['a'=2,'b'=2,'c'=2], device_ids=([2,4]<=[8]) {'a'}"),
+}
+
+FORMS_HLO = """\
+HloModule forms, is_scheduled=true, num_partitions=8
+
+%add (a: f32[], b: f32[]) -> f32[] {{
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}}
+
+ENTRY %main (x: f32[256], y: f32[64]) -> (f32[256], f32[64]) {{
+  %x = f32[256]{{0}} parameter(0)
+  %y = f32[64]{{0}} parameter(1)
+  %ar.shard = f32[256]{{0}} all-reduce(%x), channel_id=1, replica_groups={shard}, use_global_device_ids=true, to_apply=%add, metadata={{op_name="psum"}}
+  %ar.replica = f32[64]{{0}} all-reduce(%y), channel_id=2, replica_groups={replica}, use_global_device_ids=true, to_apply=%add
+  ROOT %t = (f32[256]{{0}}, f32[64]{{0}}) tuple(%ar.shard, %ar.replica)
+}}
+"""
+
+
+@pytest.mark.parametrize("form", REPLICA_GROUP_FORMS)
+def test_replica_group_forms_give_the_same_bytes(form):
+    shard_groups, replica_groups = REPLICA_GROUP_FORMS[form]
+    text = FORMS_HLO.format(shard=shard_groups, replica=replica_groups)
+    summary = summarize(collective_stats_from_text(text, auto_mesh((2, 4))))
+    # f32[256] over 4 devices: 1,024 B payload, ring wire 2 * 3/4 * 1,024 = 1,536 B;
+    # f32[64] over 2 devices: 256 B payload, ring wire 2 * 1/2 * 256 = 256 B.
+    assert summary["by_axis"]["shard"] == {"bytes": 1024, "wire_bytes": 1536, "ops": 1,
+                                           "executions": 1}
+    assert summary["by_axis"]["replica"] == {"bytes": 256, "wire_bytes": 256, "ops": 1,
+                                             "executions": 1}
+    assert summary["exact"]
 
 
 def test_mesh_mismatch_is_an_error():
