@@ -5,7 +5,8 @@ replica-varying state cannot carry over one to one, so the rule is: phi and the 
 carry over; every replica restarts from phi once the local phase has begun (from replica 0
 during the synchronous warm-up, when all replicas are equal); the inner optimizer state (AdamW
 moments and step counts) comes from replica 0 and every replica's step counter is the
-checkpoint's step; the per-replica penalty statistics start afresh; the data position is that
+checkpoint's step; the penalty statistics (per-replica means and variances, sync count)
+start afresh; the data position is that
 of the checkpoint's process 0 when the process count changed too (checkpoint.py).
 """
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from edit_jax.checkpoint import Checkpointer
+from edit_jax.outer import AnomalyStats
 from edit_jax.program import Program
 from edit_jax.step import TrainState, stack_replicas
 
@@ -41,7 +43,9 @@ def restore(ckpt: Checkpointer, step: int, program: Program, iterator, log=print
     if all(s.shape == t.shape for s, t in zip(jax.tree.leaves(saved), jax.tree.leaves(target))):
         return ckpt.restore(step, target, data_iterator=iterator)[0]
     saved_replicas = jax.tree.leaves(saved["params"])[0].shape[0]
-    from_phi = program.outer is not None and step >= program.method.warmup_steps
+    # phi <- theta happens as step `warmup_steps` begins: a checkpoint of that very step still
+    # holds the initial phi, and its replicas are equal, so it restarts from replica 0.
+    from_phi = program.outer is not None and step > program.method.warmup_steps
     log(f"checkpoint has {saved_replicas} replicas, this mesh {layout.num_replicas}: every "
         f"replica restarts from {'phi' if from_phi else 'replica 0'}")
 
@@ -64,6 +68,10 @@ def restore(ckpt: Checkpointer, step: int, program: Program, iterator, log=print
 
         steps = jnp.max(state["replica_steps"])  # the checkpoint's step, also for a_edit
         state = jax.tree.map(leaf, state, target)
+        # The statistics start afresh, their sync count too: with the old count past the
+        # anomaly warm-up, the zeroed means and variances would flag every replica for good.
+        state = jax.tree.map(lambda x: jax.tree.map(jnp.zeros_like, x) if isinstance(
+            x, AnomalyStats) else x, state, is_leaf=lambda x: isinstance(x, AnomalyStats))
         state["replica_steps"] = jnp.full_like(state["replica_steps"], steps)
         if from_phi:
             state["params"] = stack_replicas(state["outer"]["phi"], layout.num_replicas)

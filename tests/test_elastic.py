@@ -36,7 +36,10 @@ def _assert_restarts_from_phi(saved, state, replicas, step):
     new_trace = state["outer"]["rest"].inner_state[0].trace["embed"]["embedding"]
     np.testing.assert_array_equal(np.asarray(new_trace), np.asarray(old_trace))
     assert state["outer"]["rest"].stats.mean.shape == (replicas,)
-    assert not np.any(np.asarray(state["outer"]["rest"].stats.mean))  # statistics start afresh
+    for stats in (state["outer"]["rest"].stats, state["outer"]["layers"].stats):
+        for x in stats:  # statistics start afresh, the sync count too
+            assert not np.any(np.asarray(x))
+    assert int(saved["outer"]["rest"].stats.count) > 0
     np.testing.assert_array_equal(state["replica_steps"], [step] * replicas)
     np.testing.assert_array_equal(state["outer"]["synced_steps"], [step] * replicas)
 
@@ -61,3 +64,17 @@ def test_resume_on_more_then_fewer_replicas(tmp_path, name):
         assert len(last_sync["weights"]) == len(last_sync["local_steps"]) == replicas
         assert all(np.isfinite(loss) for loss in losses.values())
         step, saved_mesh = steps, mesh
+
+
+def test_resume_at_the_end_of_warmup_restarts_from_replica_0(tmp_path):
+    """A checkpoint of step W = warmup_steps was saved before phi <- theta: its phi is still
+    the initial one, so the replicas of the new mesh must start from replica 0 instead."""
+    train(tmp_path, *EDIT, "run.steps=2", "run.checkpoint_every=100")  # EDIT: 2 warm-up steps
+    saved = final_state(tmp_path, 2, *EDIT)
+    state = _restored(tmp_path, 2, EDIT, ["mesh.replica=4", "mesh.shard=2"])
+    for theta_saved, theta, phi in zip(jax.tree.leaves(saved["params"]),
+                                       jax.tree.leaves(state["params"]),
+                                       jax.tree.leaves(saved["outer"]["phi"])):
+        assert not np.array_equal(np.asarray(theta_saved)[0], np.asarray(phi))  # phi: initial
+        for r in range(4):
+            np.testing.assert_array_equal(np.asarray(theta)[r], np.asarray(theta_saved)[0])
