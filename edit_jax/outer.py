@@ -1,10 +1,11 @@
 """The outer optimizer: EDiT's pseudo-gradient penalty wrapped around any optax optimizer.
 
 Each replica r holds its pseudo-gradient delta_r = phi - theta_r. A sync gathers the replicas'
-norms, drops anomalous replicas, weights the rest by a softmax of their negative norms, sums the
-weighted deltas with one psum, clips the result and hands it to the outer optimizer (ALGORITHMS.md
-section 3). Code runs per replica under `jax.shard_map` or `jax.vmap(..., axis_name=...)`; the
-axis names are arguments, so the same functions serve both.
+norms, drops anomalous replicas (judged per local step when the step counts are given), weights
+the rest by a softmax of their negative norms, sums the weighted deltas with one psum, clips the
+result and hands it to the outer optimizer (docs/algorithms.md section 3). Code runs per
+replica under `jax.shard_map` or `jax.vmap(..., axis_name=...)`; the axis names are arguments,
+so the same functions serve both.
 
 The building blocks (`replica_norms`, `penalty_weights`, `combine`, `clip_by_norm`) are public so
 that a layer-wise sync can apply them per layer; `pseudo_gradient_penalty` chains them over the
@@ -12,7 +13,7 @@ whole tree as an `optax.GradientTransformation`. Plain parameter averaging is
 `pseudo_gradient_penalty(..., anomaly=False, weighting=False, clip_norm=0)`.
 
 `delayed_nesterov` is the outer optimizer of asynchronous Local-SGD, where the server applies
-one worker's pseudo-gradient at a time (ALGORITHMS.md section 5).
+one worker's pseudo-gradient at a time (docs/algorithms.md section 5).
 """
 
 from __future__ import annotations
@@ -126,39 +127,51 @@ def penalty_weights(norms: jax.Array, stats: AnomalyStats, *, anomaly: bool = Tr
                     step_weighting: float = 0.0) -> tuple[jax.Array, AnomalyStats, jax.Array]:
     """Weights, updated statistics and outlier flags from the gathered norms; no collectives.
 
+    The anomaly test judges the norm per local step, m_r = n_r / max(s_r, 1), when the local
+    step counts s = `steps` are given (else m_r = n_r): a pseudo-gradient's norm grows with the
+    steps it spans, so under A-EDiT a fast replica would otherwise be flagged only for running
+    more steps. This is our deviation from the paper's raw norms (docs/algorithms.md section
+    4); with equal counts (EDiT: tau each) the z-score is the same up to rounding.
+
     A non-finite norm is always an outlier. With `anomaly`, once `stats.count >= anomaly_warmup`,
-    replica r is also an outlier if (n_r - mean_r) / sqrt(var_r) > threshold (never while
-    var_r = 0: there is no scale to judge by yet). Only non-outliers update their statistics, so
-    a spike cannot poison them. With `weighting` the non-outliers get softmax(-n / temperature),
+    replica r is also an outlier if (m_r - mean_r) / sqrt(var_r) > threshold (never while
+    var_r = 0: there is no scale to judge by yet). Only non-outliers update their statistics
+    (EWMA of m_r), so a spike cannot poison them. The weights use the raw norms n_r (as do the
+    clipping and the combination): with `weighting` the non-outliers get softmax(-n / temperature),
     otherwise equal weights; all outliers -> all weights zero. With `step_weighting` rho > 0
-    (A-EDiT) the weights become (1 - rho) * w_r + rho * s_r / sum(s), s_r = the local steps
-    replica r ran since the last sync, summed over the non-outliers.
+    (A-EDiT) the weights become (1 - rho) * w_r + rho * s_r / sum(s), summed over the
+    non-outliers.
 
     Args:
         norms: f32[R] from `replica_norms`.
-        stats: the statistics before this sync.
+        stats: the statistics before this sync (of per-step norms when `steps` are given).
         anomaly: flag replicas whose norm is anomalously high.
         weighting: softmax weights instead of uniform ones.
         temperature: softmax temperature (raw norms grow with model size).
         alpha: smoothing factor of the mean and variance.
         anomaly_warmup: syncs to observe before flagging anything.
         threshold: the z-score above which a replica is an outlier.
-        steps: f32[R], local steps per replica since the last sync (needed when rho > 0).
+        steps: f32[R], local steps per replica since the last sync: the anomaly statistics then
+            use per-step norms; needed when rho > 0. None = raw norms (steps unknown).
         step_weighting: rho in [0, 1], the share of the weight given by steps.
 
     Returns:
         (weights f32[R] summing to 1 or all 0, new statistics, outliers bool[R]).
     """
     norms = norms.astype(jnp.float32)
+    if steps is None:
+        judged = norms
+    else:
+        judged = norms / jnp.maximum(steps.astype(jnp.float32), 1.0)
     outliers = ~jnp.isfinite(norms)
     if anomaly:
         has_scale = stats.var > 0
-        z = (norms - stats.mean) / jnp.sqrt(jnp.where(has_scale, stats.var, 1.0))
+        z = (judged - stats.mean) / jnp.sqrt(jnp.where(has_scale, stats.var, 1.0))
         flagged = (stats.count >= anomaly_warmup) & has_scale & (z > threshold)
         outliers = outliers | flagged
     keep = ~outliers
 
-    d = jnp.where(keep, norms - stats.mean, 0.0)
+    d = jnp.where(keep, judged - stats.mean, 0.0)
     new_stats = AnomalyStats(
         mean=jnp.where(keep, stats.mean + alpha * d, stats.mean),
         var=jnp.where(keep, (1 - alpha) * (stats.var + alpha * d * d), stats.var),
@@ -244,7 +257,10 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
     `update(..., norms=n)` uses the given f32[R] norms for the outlier test and the weights
     instead of this delta's own (EDiT's `global` granularity: one norm per replica over the whole
     model, shared by every layer's sync). `update(..., steps=s)` passes the f32[R] local step
-    counts since the last sync that `step_weighting` mixes into the weights (A-EDiT).
+    counts since the last sync: the anomaly test then judges each norm per local step, so a
+    replica that ran more steps (A-EDiT) is not flagged for that alone (docs/algorithms.md
+    section 4), and `step_weighting` mixes them into the weights; the softmax weights and the
+    clipping keep the raw norms (see `penalty_weights`). Without `steps` the test uses raw norms.
     With `anomaly=False, weighting=False, clip_norm=0` it is plain parameter averaging (replicas
     with non-finite deltas are still left out).
 
@@ -254,7 +270,8 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
         num_replicas: the size of `replica_axis` (the state holds per-replica statistics).
         shard_axis: the axis the masked leaves are split over; None = leaves are whole.
         sharded_mask: bool tree like the params; None with a `shard_axis` = every leaf sharded.
-        anomaly: exclude replicas whose norm z-score exceeds `threshold`.
+        anomaly: exclude replicas whose (per-step, given `steps`) norm z-score exceeds
+            `threshold`.
         weighting: softmax(-norm / temperature) weights instead of uniform ones.
         clip_norm: clip the combined pseudo-gradient to this norm; <= 0 turns clipping off.
         temperature: softmax temperature.
@@ -351,9 +368,10 @@ def delayed_nesterov(learning_rate: optax.ScalarOrSchedule, momentum: float = 0.
                      buffer_size: int, activation: float = 0.0) -> optax.GradientTransformation:
     """Delayed Nesterov for a server that receives pseudo-gradients one worker at a time.
 
-    Plain Nesterov applied per arrival compounds momentum on stale pseudo-gradients (ALGORITHMS.md
-    section 5). Delayed Nesterov applies each arriving g_t at once, scaled by 1/N, but folds the
-    buffered arrivals into the momentum m only every N = `buffer_size` arrivals:
+    Plain Nesterov applied per arrival compounds momentum on stale pseudo-gradients
+    (docs/algorithms.md section 5). Delayed Nesterov applies each arriving g_t at once, scaled
+    by 1/N, but folds the buffered arrivals into the momentum m only every N = `buffer_size`
+    arrivals:
         buffer += g_t
         if (t + 1) % N == 0:  m = b*m + buffer/N;  update = -lr*((1 - c*N + c)*b*m + g_t/N);
                               buffer = 0

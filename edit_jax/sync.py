@@ -9,9 +9,11 @@ layer scan (`layer_sync`), right before that layer's all-gather; DiLoCo calls it
 after the inner step (`sync_after_step`). Local SGD only averages (`average_replicas`).
 
 What every unit's sync shares is gathered once before the scan, by scalar collectives only
-(`sync_inputs`): the local steps each replica ran since the last sync (for A-EDiT's step
-weighting and the metrics) and, with `global` norm granularity, the per-replica norms of the
-whole model's pseudo-gradient; with `layer` granularity each unit uses its own norms.
+(`sync_inputs`): the local steps each replica ran since the last sync (always passed to the
+penalty: its anomaly test judges norms per local step, so an A-EDiT replica that ran more steps
+is not flagged for that alone; also A-EDiT's step weighting and the metrics) and, with `global`
+norm granularity, the per-replica norms of the whole model's pseudo-gradient; with `layer`
+granularity each unit uses its own norms.
 """
 
 from __future__ import annotations
@@ -123,9 +125,10 @@ class OuterSync:
                     replica_steps: jax.Array) -> tuple[dict, jax.Array]:
         """(extra arguments of every unit's update, i32[R] every replica's step count).
 
-        `steps`: f32[R] local steps per replica since the last sync; `norms`: f32[R] norms of
-        every replica's whole pseudo-gradient (global granularity only). `replica_steps` is this
-        replica's count, shape (1,).
+        `steps`: f32[R] local steps per replica since the last sync, always present (every
+        unit's anomaly test divides the norms by them, and step weighting uses them); `norms`:
+        f32[R] norms of every replica's whole pseudo-gradient (global granularity only).
+        `replica_steps` is this replica's count, shape (1,).
         """
         totals = gather_replicas(replica_steps[0], "replica")
         extra = {"steps": (totals - outer["synced_steps"]).astype(jnp.float32)}

@@ -300,6 +300,123 @@ def test_anomalous_replica_is_excluded_from_the_sync():
     assert state.stats.mean[1] == 1 and state.stats.var[1] == np.float32(0.01)
 
 
+# ---- the per-step anomaly rule (A-EDiT): with step counts, a norm is judged per local step
+
+
+def _warm_stats(mean, var, count=120):
+    """Statistics past the warm-up (anomaly_warmup=120), written by hand."""
+    return AnomalyStats(mean=jnp.asarray(mean, jnp.float32), var=jnp.asarray(var, jnp.float32),
+                        count=jnp.asarray(count, jnp.int32))
+
+
+def test_a_replica_running_3x_the_steps_is_not_an_outlier():
+    stats = _warm_stats([1.0, 1.0, 1.0], [0.01, 0.01, 0.01])
+    norms, steps = jnp.asarray([3.0, 1.0, 1.0]), jnp.asarray([3.0, 1.0, 1.0])
+    # The raw rule (no step counts): z_0 = (3 - 1) / sqrt(0.01) = 20 > 3, replica 0 is flagged
+    # only because it ran three times as many steps as its peers.
+    _, _, outliers = penalty_weights(norms, stats)
+    np.testing.assert_array_equal(outliers, [True, False, False])
+    # Per step: 3/3 = 1/1 = 1/1 = 1.0, the mean: z = 0 for everyone.
+    weights, new_stats, outliers = penalty_weights(norms, stats, steps=steps)
+    np.testing.assert_array_equal(outliers, [False, False, False])
+    # The softmax weights keep the raw norms: exp(-3), exp(-1), exp(-1), normalised.
+    np.testing.assert_allclose(weights, [0.06337893833303762, 0.4683105308334812,
+                                         0.4683105308334812], rtol=1e-6)
+    # The per-step norms equal the mean: d = 0, mean stays 1, var = 0.98 * 0.01.
+    np.testing.assert_allclose(new_stats.mean, [1.0, 1.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(new_stats.var, [0.0098, 0.0098, 0.0098], rtol=1e-6)
+    assert int(new_stats.count) == 121
+
+
+@pytest.mark.parametrize("steps, norms, expected", [
+    ([1.0, 1.0, 1.0], [1.0, 10.0, 0.98], [False, True, False]),  # per step 10: z = 90
+    ([3.0, 1.0, 1.0], [30.0, 1.0, 1.0], [True, False, False]),  # per step 30/3 = 10: z = 90
+    ([3.0, 1.0, 1.0], [3.0, 1.6, 1.0], [False, True, False]),  # per step 1, 1.6, 1: z = 0, 6, 0
+])
+def test_a_real_spike_per_step_is_still_an_outlier(steps, norms, expected):
+    stats = _warm_stats([1.0, 1.0, 1.0], [0.01, 0.01, 0.01])
+    weights, new_stats, outliers = penalty_weights(jnp.asarray(norms), stats,
+                                                   steps=jnp.asarray(steps), weighting=False)
+    np.testing.assert_array_equal(outliers, expected)
+    np.testing.assert_allclose(weights, np.where(expected, 0.0, 0.5), rtol=1e-6)
+    bad = expected.index(True)  # the outlier's statistics are left alone
+    assert new_stats.mean[bad] == 1 and new_stats.var[bad] == np.float32(0.01)
+
+
+def test_per_step_statistics_update_by_hand():
+    # mean 1, var 0.25 (sd 0.5), alpha 0.1. Steps (4, 2, 1), raw norms (6, 2.4, 0.9): per step
+    # (1.5, 1.2, 0.9), z = (1, 0.4, -0.2): nobody flagged (raw z would be 10, 2.8, -0.2).
+    stats = _warm_stats([1.0, 1.0, 1.0], [0.25, 0.25, 0.25])
+    norms, steps = jnp.asarray([6.0, 2.4, 0.9]), jnp.asarray([4.0, 2.0, 1.0])
+    _, _, outliers = penalty_weights(norms, stats, alpha=0.1)
+    np.testing.assert_array_equal(outliers, [True, False, False])  # the raw rule
+    _, new_stats, outliers = penalty_weights(norms, stats, alpha=0.1, steps=steps)
+    assert not outliers.any()
+    # d = (0.5, 0.2, -0.1): mean + 0.1 d = (1.05, 1.02, 0.99);
+    # var = 0.9 * (0.25 + 0.1 d^2) = (0.2475, 0.2286, 0.2259).
+    np.testing.assert_allclose(new_stats.mean, [1.05, 1.02, 0.99], rtol=1e-6)
+    np.testing.assert_allclose(new_stats.var, [0.2475, 0.2286, 0.2259], rtol=1e-6)
+    assert int(new_stats.count) == 121
+
+
+def test_per_step_rule_edge_cases():
+    stats = _warm_stats([1.0, 1.0, 1.0], [0.01, 0.01, 0.01])
+    # Zero steps count as one (no division by zero): per step (1, 1, 1), nobody flagged.
+    _, new_stats, outliers = penalty_weights(jnp.asarray([1.0, 1.0, 1.0]), stats,
+                                             steps=jnp.asarray([0.0, 1.0, 1.0]))
+    assert not outliers.any()
+    np.testing.assert_allclose(new_stats.mean, [1.0, 1.0, 1.0], rtol=1e-6)
+    # A non-finite norm is an outlier whatever its steps, and stays out of the statistics.
+    weights, new_stats, outliers = penalty_weights(jnp.asarray([jnp.nan, jnp.inf, 1.0]), stats,
+                                                   steps=jnp.asarray([3.0, 5.0, 1.0]))
+    np.testing.assert_array_equal(outliers, [True, True, False])
+    np.testing.assert_allclose(weights, [0.0, 0.0, 1.0])
+    np.testing.assert_array_equal(new_stats.mean, [1.0, 1.0, 1.0])
+    np.testing.assert_allclose(new_stats.var, [0.01, 0.01, 0.0098], rtol=1e-6)
+
+
+def test_equal_steps_judge_like_the_raw_rule():
+    """EDiT: every replica ran tau steps; the per-step statistics are the raw ones / tau (var /
+    tau^2), so the same replicas are flagged (here tau = 4; raw z = 0.5, 90, -0.2)."""
+    norms = jnp.asarray([1.05, 10.0, 0.98])
+    _, raw_stats, raw_outliers = penalty_weights(norms, _warm_stats([1.0] * 3, [0.01] * 3))
+    _, stats, outliers = penalty_weights(norms, _warm_stats([0.25] * 3, [0.01 / 16] * 3),
+                                         steps=jnp.full(3, 4.0))
+    np.testing.assert_array_equal(raw_outliers, [False, True, False])
+    np.testing.assert_array_equal(outliers, raw_outliers)
+    np.testing.assert_allclose(stats.mean, [1.001 / 4, 0.25, 0.9996 / 4], rtol=1e-6)
+    np.testing.assert_allclose(stats.var, np.asarray(raw_stats.var) / 16, rtol=1e-5)
+
+
+def test_step_counts_reach_the_anomaly_test_of_the_sync():
+    """End to end under vmap: replica 0 ran 3 steps and moved 3x as far (norms 3, 1, 1 against
+    a mean of 1, sd 0.1). Without step counts it is excluded (phi = mean of the others, 0.5);
+    with them it is kept (phi = mean of 1.5, 0.5, 0.5 = 5/6)."""
+    tx = pseudo_gradient_penalty(optax.sgd(1.0), replica_axis="replica", num_replicas=3,
+                                 weighting=False, clip_norm=0)
+    phi = {"w": jnp.zeros(4)}
+    state = tx.init(phi)._replace(stats=_warm_stats([1.0] * 3, [0.01] * 3))
+    thetas = {"w": jnp.stack([jnp.full(4, 1.5), jnp.full(4, 0.5), jnp.full(4, 0.5)])}
+
+    def sync(steps):
+        def one(theta, state):
+            delta = jax.tree.map(jnp.subtract, phi, theta)
+            kwargs = {} if steps is None else {"steps": jnp.asarray(steps)}
+            updates, state = tx.update(delta, state, phi, **kwargs)
+            return optax.apply_updates(phi, updates), state
+
+        return jax.vmap(one, axis_name="replica", in_axes=(0, None), out_axes=None)(thetas,
+                                                                                    state)
+
+    raw_phi, raw_state = sync(None)
+    np.testing.assert_array_equal(raw_state.outliers, [True, False, False])
+    np.testing.assert_allclose(raw_phi["w"], np.full(4, 0.5), rtol=1e-6)
+    new_phi, new_state = sync([3.0, 1.0, 1.0])
+    np.testing.assert_array_equal(new_state.outliers, [False, False, False])
+    np.testing.assert_allclose(new_phi["w"], np.full(4, 2.5 / 3), rtol=1e-6)
+    np.testing.assert_allclose(new_state.stats.mean, [1.0, 1.0, 1.0], rtol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_replica_is_excluded(bad):
     tx = pseudo_gradient_penalty(optax.sgd(1.0), replica_axis="replica", num_replicas=3,
