@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from edit_jax.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
 METHODS = ("ddp", "local_sgd", "post_local_sgd", "diloco", "edit", "a_edit")
@@ -43,6 +43,8 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
     remat: str = "full"  # none | full | dots | dots_no_batch
+    loss_chunk_tokens: int = 4096  # tokens per chunk of the head + cross-entropy; 0 = one chunk
+    attention_chunk_tokens: int = 512  # query positions per chunk of attention; 0 = one chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +160,7 @@ class Config:
 
 
 def resolve_config_path(name_or_path: str) -> Path:
-    """A config file path, or a bare name such as `small` looked up in configs/."""
+    """A config file path, or a bare name such as `small` among the package's configs/."""
     path = Path(name_or_path)
     if not path.exists() and path.suffix == "" and (CONFIG_DIR / f"{name_or_path}.yaml").exists():
         path = CONFIG_DIR / f"{name_or_path}.yaml"
@@ -232,6 +234,10 @@ def validate(c: Config) -> None:
              "head dimension d_model/n_heads must be even for RoPE")
     _require(m.dtype in DTYPES, "model.dtype", f"'{m.dtype}' is not one of {DTYPES}")
     _require(m.remat in REMAT_POLICIES, "model.remat", f"'{m.remat}' is not one of {REMAT_POLICIES}")
+    _require(m.loss_chunk_tokens >= 0, "model.loss_chunk_tokens",
+             "must be >= 0 (0 computes the logits of all tokens at once)")
+    _require(m.attention_chunk_tokens >= 0, "model.attention_chunk_tokens",
+             "must be >= 0 (0 attends from all positions at once)")
     for key in ("replica", "shard"):
         size = getattr(c.mesh, key)
         _require(size == -1 or size > 0, f"mesh.{key}", "must be positive or -1 (the rest)")

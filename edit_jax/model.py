@@ -6,11 +6,19 @@ hook, called on each parameter group right before use: the identity on one devic
 over `shard` under `shard_map`. The decoder layers are run by `jax.lax.scan` over the stacked
 layer parameters, each layer wrapped in `jax.checkpoint` with the policy named in the config, so
 the backward pass re-gathers a layer instead of keeping every gathered layer alive.
+
+Two chunkings keep the largest activations out of memory, each a `jax.lax.scan` over chunks of
+a `jax.checkpoint`ed function, so one chunk's values exist at a time and the backward pass
+recomputes them: `model.loss_chunk_tokens` runs the final norm, lm_head, log-softmax and NLL
+over chunks of the flattened tokens (`chunked_cross_entropy`; never the full (B, T, V) float32
+logits), and `model.attention_chunk_tokens` runs attention over chunks of query positions
+(`causal_attention`; never the full (B, N, T, T) float32 scores). 0 turns either off.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -25,6 +33,7 @@ Params = dict
 # gather(group_name, params_of_group) -> full params of that group; group is a top-level key.
 GatherFn = Callable[[str, Params], Params]
 LAYER_GROUP = "layers"
+HEAD_GROUPS = ("final_norm", "lm_head")  # the groups `Llama.head` uses
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -90,6 +99,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.d_model // cfg.n_heads
+        self.chunk_tokens = cfg.attention_chunk_tokens
         d, hd, std = cfg.d_model, self.head_dim, cfg.init_std
         self.wq = _linear(d, cfg.n_heads * hd, std, dtype, rngs)
         self.wk = _linear(d, cfg.n_kv_heads * hd, std, dtype, rngs)
@@ -102,8 +112,44 @@ class Attention(nnx.Module):
         k = self.wk(x_BxTxD).reshape(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x_BxTxD).reshape(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out_BxTxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        out_BxTxNxH = causal_attention(q, k, v, self.chunk_tokens)
         return self.wo(out_BxTxNxH.reshape(B, T, self.n_heads * self.head_dim))
+
+
+def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, chunk_tokens: int = 0):
+    """Causal grouped-query attention (`jax.nn.dot_product_attention`), over query chunks.
+
+    With chunk_tokens = C > 0 and C < T, the queries run in chunks of C positions: floor(T / C)
+    chunks in a `jax.lax.scan`, then (if C does not divide T) one remainder chunk. Each chunk
+    attends to all T keys under a causal mask by position and is `jax.checkpoint`ed, so one
+    chunk's (B, N, C, T) float32 scores exist at a time, in the forward and in the backward
+    pass (which recomputes them), instead of the full (B, N, T, T). The scan, unlike a Python
+    loop, makes the chunks run one after another. With 0 (or C >= T) it is one call.
+    Under `model.remat=dots`, whose policy saves every matmul output, the layer's checkpoint
+    still keeps every chunk's scores; `full` and `dots_no_batch` do not.
+    """
+    B, T, N, H = q_BxTxNxH.shape
+    if chunk_tokens <= 0 or chunk_tokens >= T:
+        return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True)
+    full, rest = divmod(T, chunk_tokens)
+    key_pos_T = jnp.arange(T)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def attend(q_BxCxNxH, query_pos_C):
+        mask_CxT = query_pos_C[:, None] >= key_pos_T[None, :]
+        return jax.nn.dot_product_attention(q_BxCxNxH, k_BxTxKxH, v_BxTxKxH,
+                                            mask=mask_CxT[None, None])
+
+    main = full * chunk_tokens
+    q_KxBxCxNxH = q_BxTxNxH[:, :main].reshape(B, full, chunk_tokens, N, H).swapaxes(0, 1)
+    pos_KxC = jnp.arange(main).reshape(full, chunk_tokens)
+    _, out_KxBxCxNxH = jax.lax.scan(lambda carry, xs: (carry, attend(*xs)), None,
+                                    (q_KxBxCxNxH, pos_KxC))
+    out_BxTxNxH = out_KxBxCxNxH.swapaxes(0, 1).reshape(B, main, N, H)
+    if rest:
+        out_BxTxNxH = jnp.concatenate(
+            [out_BxTxNxH, attend(q_BxTxNxH[:, main:], jnp.arange(main, T))], axis=1)
+    return out_BxTxNxH
 
 
 class SwiGLU(nnx.Module):
@@ -154,9 +200,14 @@ class Llama(nnx.Module):
         the backward pass re-gathers). `layer_sync`, if given, runs in the same scan before each
         layer is gathered and outside the remat, so its collectives run once per step.
         """
+        x_BxTxD, sync_outs = self.hidden_states(tokens_BxT, gather, layer_sync)
+        return self.head()(self.head_params(gather), x_BxTxD), sync_outs
+
+    def hidden_states(self, tokens_BxT, gather: GatherFn = no_gather,
+                      layer_sync: LayerSync | None = None):
+        """The last decoder layer's output (B, T, D), before the final norm, and the layer
+        sync's per-layer outputs (or None)."""
         embed = _with_gathered(self.embed, "embed", gather)
-        final_norm = _with_gathered(self.final_norm, "final_norm", gather)
-        lm_head = _with_gathered(self.lm_head, "lm_head", gather)
         cos, sin = rope_tables(tokens_BxT.shape[1], self.cfg.d_model // self.cfg.n_heads,
                                self.cfg.rope_theta)
         block_def, stacked_state = nnx.split(self.layers)
@@ -176,9 +227,24 @@ class Llama(nnx.Module):
             return compute(x_BxTxD, layer_params), sync_out
 
         sync_states = None if layer_sync is None else layer_sync.states
-        x_BxTxD, sync_outs = jax.lax.scan(
-            layer, embed(tokens_BxT), (nnx.to_pure_dict(stacked_state), sync_states))
-        return lm_head(final_norm(x_BxTxD)).astype(jnp.float32), sync_outs
+        return jax.lax.scan(layer, embed(tokens_BxT),
+                            (nnx.to_pure_dict(stacked_state), sync_states))
+
+    def head_params(self, gather: GatherFn = no_gather) -> Params:
+        """The (gathered) parameters of the final norm and lm_head, for `head`."""
+        return {group: gather(group, nnx.to_pure_dict(nnx.state(getattr(self, group))))
+                for group in HEAD_GROUPS}
+
+    def head(self):
+        """head(head_params, x_...xD) -> float32 logits: final norm, then lm_head. A pure
+        function of its arguments, so it can run inside a scan / checkpoint per chunk."""
+        norm_def, head_def = nnx.graphdef(self.final_norm), nnx.graphdef(self.lm_head)
+
+        def apply(params: Params, x_xD):
+            x_xD = nnx.merge(norm_def, params["final_norm"])(x_xD)
+            return nnx.merge(head_def, params["lm_head"])(x_xD).astype(jnp.float32)
+
+        return apply
 
 
 def _with_gathered(module: nnx.Module, group: str, gather: GatherFn) -> nnx.Module:
@@ -201,10 +267,58 @@ def abstract_model(cfg: ModelConfig, vocab_size: int):
 
 def loss_fn(graphdef, params: Params, tokens_BxT1, gather: GatherFn = no_gather,
             layer_sync: LayerSync | None = None):
-    """(mean next-token cross-entropy over a (B, T+1) token batch, the layer sync's outputs)."""
-    logits_BxTxV, sync_outs = nnx.merge(graphdef, params)(tokens_BxT1[:, :-1], gather, layer_sync)
-    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, tokens_BxT1[:, 1:])
-    return losses_BxT.mean(), sync_outs
+    """(mean next-token cross-entropy over a (B, T+1) token batch, the layer sync's outputs).
+
+    With `model.loss_chunk_tokens` = C > 0 the head and the loss run over chunks of C tokens
+    (`chunked_cross_entropy`); with 0 the full (B, T, V) float32 logits are computed at once.
+    """
+    model = nnx.merge(graphdef, params)
+    inputs_BxT, labels_BxT = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
+    chunk = model.cfg.loss_chunk_tokens
+    if chunk == 0:
+        logits_BxTxV, sync_outs = model(inputs_BxT, gather, layer_sync)
+        losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, labels_BxT)
+        return losses_BxT.mean(), sync_outs
+    x_BxTxD, sync_outs = model.hidden_states(inputs_BxT, gather, layer_sync)
+    d_model = x_BxTxD.shape[-1]
+    loss = chunked_cross_entropy(model.head(), model.head_params(gather),
+                                 x_BxTxD.reshape(-1, d_model), labels_BxT.reshape(-1), chunk)
+    return loss, sync_outs
+
+
+def chunked_cross_entropy(head: Callable[[Any, jax.Array], jax.Array], head_params,
+                          x_NxD: jax.Array, labels_N: jax.Array, chunk_tokens: int) -> jax.Array:
+    """Mean over N tokens of -log softmax(head(head_params, x))[label], never holding more than
+    one chunk's logits: equal to `softmax_cross_entropy_with_integer_labels(head(params, x),
+    labels).mean()`.
+
+    The N tokens run as floor(N / C) chunks of C = min(chunk_tokens, N) tokens in a
+    `jax.lax.scan`, then (if C does not divide N) one remainder chunk of N mod C tokens. Each
+    chunk is `jax.checkpoint`ed, so its (C, V) logits are neither kept for nor stacked into the
+    backward pass: the backward recomputes them chunk by chunk, and the gradient of
+    `head_params` accumulates over the chunks inside the backward scan.
+    """
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    num_tokens, d_model = x_NxD.shape
+    chunk = min(chunk_tokens, num_tokens)
+    full, rest = divmod(num_tokens, chunk)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def nll_sum(params, x_CxD, labels_C):
+        logits_CxV = head(params, x_CxD)
+        label_logits_C = jnp.take_along_axis(logits_CxV, labels_C[:, None], axis=-1)[:, 0]
+        return jnp.sum(jax.nn.logsumexp(logits_CxV, axis=-1) - label_logits_C)
+
+    def body(carry, xs):  # no carry: under shard_map its type would have to match the inputs'
+        return carry, nll_sum(head_params, *xs)
+
+    main = full * chunk
+    xs = (x_NxD[:main].reshape(full, chunk, d_model), labels_N[:main].reshape(full, chunk))
+    total = jnp.sum(jax.lax.scan(body, None, xs)[1])
+    if rest:
+        total = total + nll_sum(head_params, x_NxD[main:], labels_N[main:])
+    return total / num_tokens
 
 
 def count_params(params: Params) -> int:
