@@ -4,7 +4,9 @@ Each step directory holds three items: `state` (the arrays, restorable onto any 
 caller's target shardings name), `config` (JSON) and `data` (one grain iterator-state file per
 process). Saves are asynchronous; Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it
 only once every item is complete, so a save cut short by a crash is never taken for a checkpoint.
-Bad or damaged checkpoints become a one-line `UserError`; anything else surfaces as a bug.
+Bad or damaged checkpoints become a one-line `UserError` (`CorruptCheckpoint` when the files
+are damaged or missing, so a caller can fall back to an earlier step and `set_aside` the bad
+one); anything else surfaces as a bug.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Iterator
 import grain
 import grain.checkpoint
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from edit_jax.errors import UserError
@@ -31,6 +34,14 @@ _CORRUPT_FIX = ("delete that step directory to resume from an earlier one, "
 _MISMATCH_FIX = "use a fresh run.run_dir or the config the checkpoint was saved with"
 # TensorStore reports missing or damaged files as ValueErrors carrying these status codes.
 _STORAGE_STATUS = re.compile(r"^(NOT_FOUND|DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION): ")
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint whose files are damaged or missing; `step` names it, `reason` says why."""
+
+    def __init__(self, message: str, step: int, reason: str):
+        super().__init__(message)
+        self.step, self.reason = step, reason
 
 
 class Checkpointer:
@@ -57,6 +68,28 @@ class Checkpointer:
         """The newest complete checkpoint's step (after any pending save finishes), or None."""
         self.wait()
         return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every complete checkpoint's step, oldest first."""
+        self.wait()
+        return sorted(self._manager.all_steps())
+
+    def set_aside(self, step: int) -> Path:
+        """Move checkpoint `step` to `<step>.corrupt` beside it (nothing a user saved is
+        deleted), out of Orbax's sight; returns the new path. Every process must call it:
+        process 0 moves, the others wait for it, then all forget the step."""
+        target = self.directory / f"{step}.corrupt"
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / f"{step}.corrupt{n}"
+        with self._write_errors():
+            if jax.process_index() == 0:
+                (self.directory / str(step)).rename(target)
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices(f"edit-jax-set-aside-{step}")
+            self._manager.reload()
+        return target
 
     def save(self, step: int, state, *, config: dict,
              data_iterator: grain.DatasetIterator | None = None, force: bool = False) -> bool:
@@ -149,9 +182,8 @@ class Checkpointer:
         saved = list((step_dir / "data").glob(_data_file_name(0, "*")))
         if saved and _saved_count(saved[0]) != jax.process_count():
             return saved[0]
-        raise UserError(f"checkpoint {step_dir} has no data-iterator state for this process "
-                        f"(data/{own.name} is missing); delete that step directory to resume "
-                        "from an earlier one")
+        raise _corrupt(step_dir, f"no data-iterator state for this process: data/{own.name} "
+                                 "is missing")
 
     @contextlib.contextmanager
     def _write_errors(self) -> Iterator[None]:
@@ -177,8 +209,9 @@ def _require_items(step_dir: Path, names) -> None:
             raise _corrupt(step_dir, f"{name}/ is missing")
 
 
-def _corrupt(step_dir: Path, reason: str) -> UserError:
-    return UserError(f"checkpoint {step_dir} is corrupt or incomplete ({reason}); {_CORRUPT_FIX}")
+def _corrupt(step_dir: Path, reason: str) -> CorruptCheckpoint:
+    return CorruptCheckpoint(f"checkpoint {step_dir} is corrupt or incomplete ({reason}); "
+                             f"{_CORRUPT_FIX}", int(step_dir.name), reason)
 
 
 @contextlib.contextmanager

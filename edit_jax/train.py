@@ -4,13 +4,17 @@ Each iteration is one step, or for a_edit after its warm-up one round: this proc
 phase on its own clock, then the sync with every other process (a_edit.py). Rerunning the same
 command resumes from the newest checkpoint in `run.run_dir` (parameters, optimizer state, data
 position). Ctrl-C or SIGTERM finishes the current step or round, saves a checkpoint and exits; a
-second Ctrl-C stops at once. In a multi-process run, a lost process stops the others (peers.py).
+second Ctrl-C stops at once. Several processes agree on stopping where they meet anyway (a sync, a
+log row, a checkpoint), so a local step has no cross-process collective. In a multi-process run,
+a lost process stops the others (peers.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +25,7 @@ from tqdm import tqdm
 
 from edit_jax import data as data_lib
 from edit_jax.a_edit import LocalPhase, local_replica_indices
-from edit_jax.checkpoint import Checkpointer
+from edit_jax.checkpoint import Checkpointer, CorruptCheckpoint
 from edit_jax.config import Config, to_dict
 from edit_jax.elastic import restore
 from edit_jax.errors import UserError
@@ -40,21 +44,52 @@ def log(message: str) -> None:
         tqdm.write(message)
 
 
+def warn(message: str) -> None:
+    """Print a one-line warning once per run (from process 0) on stderr."""
+    if jax.process_index() == 0:
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
 class MetricsLog:
-    """`<run_dir>/metrics.jsonl`: one JSON object per line; rows past a resume point dropped."""
+    """`<run_dir>/metrics.jsonl`: one JSON object per line; rows past a resume point dropped.
+
+    A crash can leave a torn last line; it is dropped with a warning. The file is rewritten
+    through a temporary file and a rename, so a crash during the rewrite loses nothing.
+    """
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         self.enabled = jax.process_index() == 0
         if self.enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            rows = _read_rows(path)
+            kept = "".join(json.dumps(row) + "\n" for row in rows
+                           if row.get("step", 0) <= resume_step)
+            partial = path.with_name(path.name + ".tmp")
+            partial.write_text(kept)
+            os.replace(partial, path)
 
     def write(self, row: dict) -> None:
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of a metrics file; an unparsable last line (a torn write) is dropped with a
+    warning, an unparsable line before it is an error (the file was edited or damaged)."""
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1)
+             if line.strip()]
+    rows = []
+    for number, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number != lines[-1][0]:
+                raise UserError(f"{path} line {number} is not JSON ({line[:40]!r}); fix or "
+                                "remove that line, or use a new run.run_dir") from None
+            warn(f"dropped the torn last line of {path} (line {number}, {line[:40]!r}), "
+                 "left by an interrupted write")
+    return rows
 
 
 class StopRequest:
@@ -73,11 +108,14 @@ class StopRequest:
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops now
 
-    def agreed(self) -> bool:
-        """Whether any process was asked to stop (all processes must save together)."""
+    def agreed(self, meeting: bool) -> bool:
+        """Whether to stop now. One process stops at the first step after the request. Several
+        must stop (and save) together, so they agree only where they meet anyway (`meeting`:
+        a sync, a log row or a checkpoint), and a local step carries no collective."""
         if jax.process_count() == 1:
             return self.requested
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+        return meeting and bool(np.any(multihost_utils.process_allgather(
+            np.array(self.requested))))
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -111,9 +149,8 @@ def train(cfg: Config) -> dict:
                                                       process_count=jax.process_count())]
     ckpt = Checkpointer(run_dir / "checkpoints", save_every=cfg.run.checkpoint_every,
                         keep=cfg.run.keep_checkpoints)
-    start = ckpt.latest_step() or 0
+    start, state = _resume(ckpt, program, iterator)
     if start:
-        state = restore(ckpt, start, program, iterator, log=log)
         log(f"resumed from step {start} in {run_dir}")
     else:
         state = program.init_state()
@@ -122,6 +159,35 @@ def train(cfg: Config) -> dict:
                     MetricsLog(run_dir / "metrics.jsonl", start)).run()
     ckpt.close()
     return summary
+
+
+def _resume(ckpt: Checkpointer, program: Program, iterator) -> tuple[int, TrainState | None]:
+    """(step, state) of the newest usable checkpoint, or (0, None) if there is none.
+
+    A corrupt or incomplete newer checkpoint is named in a warning and moved aside (never
+    deleted) once an older one has restored; if none restores, that is an error and nothing
+    is moved.
+    """
+    bad = []
+    for step in reversed(ckpt.all_steps()):
+        try:
+            state = restore(ckpt, step, program, iterator, log=log)
+        except CorruptCheckpoint as e:
+            bad.append(e)
+            continue
+        for e in bad:
+            moved = ckpt.set_aside(e.step)
+            warn(f"checkpoint {e.step} is corrupt or incomplete ({e.reason}); moved it to "
+                 f"{moved} and resumed from step {step}")
+        return step, state
+    if bad:
+        if len(bad) == 1:
+            raise bad[0]
+        raise UserError(f"no usable checkpoint in {ckpt.directory}: steps "
+                        f"{', '.join(str(e.step) for e in bad)} are corrupt or incomplete "
+                        f"({bad[0].reason}); move them away to start afresh, or use a new "
+                        "run.run_dir")
+    return 0, None
 
 
 class _Steps:
@@ -208,7 +274,8 @@ class _Loop:
         self.bar.update(self.step - before)
         if kind is StepKind.SYNC and "sync_weights" in step_metrics:
             self.metrics.write(_sync_row(self.step, step_metrics))
-        if _crossed(before, self.step, run.log_every) or self.step == run.steps:
+        logged = _crossed(before, self.step, run.log_every) or self.step == run.steps
+        if logged:
             started, first_step = self.interval
             row = self.train_row(step_metrics,
                                  (time.perf_counter() - started) / (self.step - first_step))
@@ -216,7 +283,7 @@ class _Loop:
             self.interval = (time.perf_counter(), self.step)
         if _crossed(before, self.step, run.eval_every) or self.step == run.steps:
             self.eval_loss = self.evaluate()
-        self.save_or_stop(before)
+        self.save_or_stop(before, meeting=logged or kind is StepKind.SYNC)
 
     def advance(self) -> tuple[dict, StepKind]:
         """One step, or for a_edit past its warm-up one round of local steps and a sync."""
@@ -281,13 +348,14 @@ class _Loop:
         log(f"step {self.step}: eval loss {loss:.4f}")
         return loss
 
-    def save_or_stop(self, before: int) -> None:
-        """Checkpoint when due; on a stop request (any process), save and stop every process."""
+    def save_or_stop(self, before: int, meeting: bool) -> None:
+        """Checkpoint when due; on a stop request (any process), save and stop every process
+        (where they meet: `meeting`, or a checkpoint)."""
         run, step = self.cfg.run, self.step
-        stopping = self.stop.agreed()
+        due = step == run.steps or _crossed(before, step, run.checkpoint_every)
+        stopping = self.stop.agreed(meeting or due)
         self.ckpt.save(step, self.state, config=self.config_dict, data_iterator=self.iterator,
-                       force=stopping or step == run.steps
-                       or _crossed(before, step, run.checkpoint_every))
+                       force=stopping or due)
         if stopping:
             self.ckpt.wait()
             raise KeyboardInterrupt(f"stopped at step {step}; checkpoint saved in "

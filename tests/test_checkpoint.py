@@ -14,7 +14,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from edit_jax.checkpoint import Checkpointer
+from edit_jax.checkpoint import Checkpointer, CorruptCheckpoint
 from edit_jax.errors import UserError
 
 CONFIG = {"model": {"d_model": 8}, "run": {"steps": 10, "run_dir": "runs/x"}}
@@ -141,7 +141,7 @@ def test_save_cut_short_by_a_crash_is_ignored(tmp_path):
     """A process killed mid-save leaves only a tmp directory; resuming uses the earlier step."""
     child = textwrap.dedent(f"""
         import os, time, numpy as np
-        from edit_jax.checkpoint import Checkpointer
+        from edit_jax.checkpoint import Checkpointer, CorruptCheckpoint
         ckpt = Checkpointer({str(tmp_path)!r}, save_every=1, keep=3)
         ckpt.save(1, {{"x": np.ones(4, np.float32)}}, config={{}})
         ckpt.wait()
@@ -190,8 +190,9 @@ def test_corrupt_checkpoint(copy_of_saved, corrupt, reason):
     ckpt = Checkpointer(copy_of_saved, save_every=1, keep=3)
     assert ckpt.latest_step() == 5
     target = target_for(make_mesh((2, 4)), host_state())
-    with pytest.raises(UserError) as e:
+    with pytest.raises(CorruptCheckpoint) as e:
         ckpt.restore(5, target, data_iterator=data_iterator())
+    assert e.value.step == 5 and e.value.reason in str(e.value)
     message = str(e.value)
     assert message.startswith(f"checkpoint {copy_of_saved / '5'} is corrupt or incomplete (")
     assert reason in message and "\n" not in message
@@ -217,9 +218,32 @@ def test_data_state_of_another_process_count_resumes_at_process_0s_position(copy
 def test_missing_data_state(copy_of_saved):
     (copy_of_saved / "5" / "data" / "process_0-of-1.json").unlink()
     target = target_for(make_mesh((2, 4)), host_state())
-    with pytest.raises(UserError, match="has no data-iterator state for this process"):
+    with pytest.raises(CorruptCheckpoint, match="no data-iterator state for this process"):
         Checkpointer(copy_of_saved, save_every=1, keep=3).restore(
             5, target, data_iterator=data_iterator())
+
+
+def test_set_aside_keeps_the_files_out_of_orbax_sight(copy_of_saved):
+    state = host_state()
+    save_once(copy_of_saved, 3, state)
+    ckpt = Checkpointer(copy_of_saved, save_every=1, keep=2)
+    assert ckpt.all_steps() == [3, 5]
+    files = sorted(p.relative_to(copy_of_saved / "5") for p in (copy_of_saved / "5").rglob("*"))
+    assert ckpt.set_aside(5) == copy_of_saved / "5.corrupt"
+    assert ckpt.all_steps() == [3]
+    assert sorted(p.relative_to(copy_of_saved / "5.corrupt")
+                  for p in (copy_of_saved / "5.corrupt").rglob("*")) == files
+    ckpt.save(5, state, config=CONFIG)  # the step is free again; a second bad one is kept too
+    ckpt.wait()
+    assert ckpt.set_aside(5) == copy_of_saved / "5.corrupt2"
+    ckpt.close()
+    ckpt = Checkpointer(copy_of_saved, save_every=1, keep=2)  # a new manager neither lists
+    assert ckpt.all_steps() == [3]                             # nor cleans up what was set aside
+    for step in (6, 7, 8):
+        ckpt.save(step, state, config=CONFIG)
+    ckpt.close()
+    assert (copy_of_saved / "5.corrupt").is_dir() and (copy_of_saved / "5.corrupt2").is_dir()
+    assert Checkpointer(copy_of_saved, save_every=1, keep=2).all_steps() == [7, 8]
 
 
 @pytest.mark.parametrize("change, expected", [

@@ -11,16 +11,6 @@ import pytest
 from edit_jax.cli import main
 from runs import EDIT, SMALL, final_state, train as _train
 
-def test_resume_continues_exactly(tmp_path):
-    straight, _ = _train(tmp_path / "a", "run.steps=8", "run.checkpoint_every=100")
-    _train(tmp_path / "b", "run.steps=4", "run.checkpoint_every=4")
-    resumed, rows = _train(tmp_path / "b", "run.steps=8", "run.checkpoint_every=4")
-    assert sorted(resumed) == list(range(1, 9))
-    np.testing.assert_allclose([resumed[s] for s in range(1, 9)],
-                               [straight[s] for s in range(1, 9)], atol=1e-6, rtol=0)
-    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 4, 8]
-
-
 @pytest.mark.parametrize("mesh", [["mesh.replica=4", "mesh.shard=2"],
                                   ["mesh.replica=1", "mesh.shard=8"]])
 def test_ddp_resumes_onto_another_mesh_shape(tmp_path, mesh):
@@ -48,28 +38,63 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, overrides, message):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
-    _train(tmp_path, "run.steps=2", "run.checkpoint_every=2")
-    for path in (tmp_path / "checkpoints" / "2").rglob("*"):
+def _corrupt(step_dir):
+    for path in step_dir.rglob("*"):
         if path.is_file() and path.stat().st_size > 0:
             path.write_bytes(b"\0" * 7)
-    assert main(["train", *SMALL, f"run.run_dir={tmp_path}", "run.steps=4"]) == 2
+
+
+def test_resume_after_a_crash_continues_exactly(tmp_path, capsys):
+    """A crash mid-write left a torn metrics line and a corrupt newest checkpoint (6): the torn
+    line is dropped, checkpoint 6 is moved aside, and the run resumes from step 4 (data
+    position included) onto the uninterrupted trajectory."""
+    straight, straight_rows = _train(tmp_path / "a", "run.steps=8", "run.checkpoint_every=100")
+    run = tmp_path / "b"
+    _train(run, "run.steps=6", "run.checkpoint_every=2")
+    _corrupt(run / "checkpoints" / "6")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "loss": 2.3')  # torn: no closing brace, no newline
+    capsys.readouterr()
+    resumed, rows = _train(run, "run.steps=8", "run.checkpoint_every=2")
     err = capsys.readouterr().err
-    assert "is corrupt or incomplete" in err and err.count("\n") == 1
+    assert "dropped the torn last line" in err
+    assert "checkpoint 6 is corrupt or incomplete" in err and "resumed from step 4" in err
+    assert (run / "checkpoints" / "6.corrupt").is_dir()  # kept, not deleted
+    assert sorted(resumed) == list(range(1, 9))  # steps 5 and 6 were run again, once each
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+    np.testing.assert_allclose([resumed[s] for s in range(5, 9)],
+                               [straight[s] for s in range(5, 9)], atol=1e-6, rtol=0)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 4, 8]
+    assert rows[-1]["eval_loss"] == pytest.approx(straight_rows[-1]["eval_loss"], abs=1e-6)
+
+
+def test_unusable_checkpoints_are_a_clear_error(tmp_path, capsys):
+    _train(tmp_path, "run.steps=4", "run.checkpoint_every=2")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\nnot json\n{"step": 1}\n')
+    assert main(["train", *SMALL, f"run.run_dir={tmp_path}", "run.steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl line 2 is not JSON" in err and err.count("\n") == 1
+    for step in (2, 4):
+        _corrupt(tmp_path / "checkpoints" / str(step))
+    assert main(["train", *SMALL, f"run.run_dir={tmp_path}", "run.steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert "no usable checkpoint" in err and "steps 4, 2 are corrupt" in err
+    assert err.count("\n") == 1
+    assert (tmp_path / "checkpoints" / "4").is_dir()  # nothing moved when nothing restores
 
 
 def test_default_command_learns(tmp_path):
-    """`edit-jax train` as a user runs it (the console entry point), shortened to 60 steps."""
+    """`edit-jax train` as a user runs it (the console entry point), shortened to 40 steps."""
     proc = subprocess.run(
         [sys.executable, "-m", "edit_jax.cli", "train", f"run.run_dir={tmp_path}",
-         "run.steps=60", "run.eval_every=60", "run.progress=false"],
+         "run.steps=40", "run.eval_every=40", "run.progress=false"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     evals = [json.loads(line)["eval_loss"] for line in
              (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
     assert evals[0] > 5.0  # about ln(257) at initialisation
     assert evals[-1] < evals[0] - 1.5
-    assert json.loads(proc.stdout.strip().splitlines()[-1])["summary"]["step"] == 60
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["summary"]["step"] == 40
 
 
 def test_saving_checkpoints_does_not_change_the_edit_trajectory(tmp_path):
