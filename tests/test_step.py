@@ -1,5 +1,6 @@
 """The sharded step against an unsharded single-device reference written with plain optax."""
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,17 +28,29 @@ def _batches(rows):
     return [rng.integers(0, VOCAB, (rows, 17)).astype(np.int32) for _ in range(STEPS)]
 
 
-def _reference(batches):
-    """One model on one device, plain optax: clip_by_global_norm + adamw."""
+@functools.cache
+def _reference_step():
+    """(initial params, AdamW init, one jitted reference step), built once per test process."""
     graphdef, params = init_model(MODEL, VOCAB, 0)
     tx = optax.chain(optax.clip_by_global_norm(OPT.clip_norm),
                      optax.adamw(lr_schedule(OPT, TOTAL), b1=OPT.b1, b2=OPT.b2, eps=OPT.eps,
                                  weight_decay=OPT.weight_decay, mask=decay_mask))
-    opt_state, losses = tx.init(params), []
-    for tokens in batches:
+
+    @jax.jit
+    def step(params, opt_state, tokens):
         loss, grads = jax.value_and_grad(lambda p: loss_fn(graphdef, p, tokens)[0])(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return params, tx.init, step
+
+
+def _reference(batches):
+    """One model on one device, plain optax: clip_by_global_norm + adamw."""
+    params, tx_init, step = _reference_step()
+    opt_state, losses = tx_init(params), []
+    for tokens in batches:
+        params, opt_state, loss = step(params, opt_state, tokens)
         losses.append(float(loss))
     return losses, params
 

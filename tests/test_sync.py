@@ -1,12 +1,13 @@
 """EDiT, DiLoCo and local SGD on the (2, 4) mesh against a reference computed replica by replica.
 
 The reference trains each replica alone on one device (plain JAX + plain optax AdamW) and does
-the sync in numpy, following ALGORITHMS.md section 3 for every synced unit (each layer, and the
+the sync in numpy, following docs/algorithms.md section 3 for every synced unit (each layer, and the
 non-layer parameters together): delta_r = phi - theta_r, anomaly test on EWMA statistics,
 softmax weights, weighted sum, clipping, SGD with Nesterov momentum, theta_r <- phi.
 """
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -86,7 +87,7 @@ def _set_units(params, units):
 
 
 class ReferenceSync:
-    """ALGORITHMS.md section 3, c-f, per unit, in numpy float64."""
+    """docs/algorithms.md section 3, c-f, per unit, in numpy float64."""
 
     def __init__(self, method: MethodConfig, phi_units, penalty: bool):
         self.m, self.penalty = method, penalty
@@ -100,12 +101,15 @@ class ReferenceSync:
     def _weights(self, u, norms, steps):
         m = self.m
         outlier = ~np.isfinite(norms)
+        # The anomaly test and its statistics use the norm per local step (our deviation,
+        # docs/algorithms.md section 4); the weights below keep the raw norms.
+        per_step = norms / np.maximum(steps, 1.0)
         if self.penalty and m.anomaly and self.count[u] >= m.anomaly_warmup:
             with np.errstate(divide="ignore", invalid="ignore"):
-                z = (norms - self.mean[u]) / np.sqrt(self.var[u])
+                z = (per_step - self.mean[u]) / np.sqrt(self.var[u])
             outlier |= (self.var[u] > 0) & (z > m.anomaly_threshold)
         keep = ~outlier
-        d = np.where(keep, norms - self.mean[u], 0.0)
+        d = np.where(keep, per_step - self.mean[u], 0.0)
         self.mean[u] = self.mean[u] + m.anomaly_alpha * d
         self.var[u] = np.where(keep, (1 - m.anomaly_alpha) * (self.var[u] + m.anomaly_alpha * d * d),
                                self.var[u])
@@ -155,15 +159,30 @@ class ReferenceSync:
         return self.phi
 
 
-def _run_reference(method: MethodConfig, penalty: bool, rule: str, sync_steps=None):
-    """sync_steps: the local steps per replica each sync sees (default: tau each)."""
+@functools.cache
+def _reference_functions():
+    """(initial params, AdamW init, jitted loss-and-grad, jitted AdamW step, jitted mean of
+    two trees), shared by every reference run of a test process (jitted once, not op by op)."""
     graphdef, params0 = init_model(MODEL, VOCAB, 0)
     tx = optax.chain(optax.clip_by_global_norm(OPT.clip_norm),
                      optax.adamw(lr_schedule(OPT, STEPS), b1=OPT.b1, b2=OPT.b2, eps=OPT.eps,
                                  weight_decay=OPT.weight_decay, mask=decay_mask))
     grad_fn = jax.jit(jax.value_and_grad(lambda p, t: loss_fn(graphdef, p, t)[0]))
+
+    @jax.jit
+    def adamw_step(grads, opt_state, params):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    mean = jax.jit(lambda a, b: jax.tree.map(lambda x, y: (x + y) / 2, a, b))
+    return params0, tx.init, grad_fn, adamw_step, mean
+
+
+def _run_reference(method: MethodConfig, penalty: bool, rule: str, sync_steps=None):
+    """sync_steps: the local steps per replica each sync sees (default: tau each)."""
+    params0, tx_init, grad_fn, adamw_step, mean = _reference_functions()
     thetas = [params0, params0]
-    opt_states = [tx.init(params0) for _ in range(R)]
+    opt_states = [tx_init(params0) for _ in range(R)]
     outer, losses = None, []
     W, tau = method.warmup_steps, method.sync_every
     sync_steps = iter(sync_steps or [[tau] * R] * STEPS)
@@ -177,19 +196,18 @@ def _run_reference(method: MethodConfig, penalty: bool, rule: str, sync_steps=No
         results = [grad_fn(thetas[r], rows[r]) for r in range(R)]
         grads = [g for _, g in results]
         if t < W:
-            mean_grad = jax.tree.map(lambda a, b: (a + b) / 2, *grads)
+            mean_grad = mean(*grads)
             grads = [mean_grad, mean_grad]
         for r in range(R):
-            updates, opt_states[r] = tx.update(grads[r], opt_states[r], thetas[r])
-            thetas[r] = optax.apply_updates(thetas[r], updates)
+            thetas[r], opt_states[r] = adamw_step(grads[r], opt_states[r], thetas[r])
         losses.append(float(np.mean([loss for loss, _ in results])))
         if t >= W and (t + 1 - W) % tau == 0 and rule in ("outer", "average"):
             if rule == "outer":
                 phi = outer.sync([_unit_arrays(th) for th in thetas], next(sync_steps))
                 thetas = [_set_units(thetas[r], phi) for r in range(R)]
             else:
-                mean = jax.tree.map(lambda a, b: (a + b) / 2, *thetas)
-                thetas = [mean, mean]
+                average = mean(*thetas)
+                thetas = [average, average]
     return losses, thetas, outer
 
 
