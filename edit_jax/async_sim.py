@@ -1,4 +1,6 @@
-"""A deterministic one-device simulator of asynchronous Local-SGD with a server (ALGORITHMS.md 5).
+"""A deterministic one-device simulator of asynchronous Local-SGD with a server.
+
+The setting of Liu et al., arXiv 2401.09135 (docs/algorithms.md section 5).
 
 W workers with faked seconds per local step share one device. A worker reads phi, runs its
 local steps (AdamW, one jitted loop) and its pseudo-gradient phi_at_start - theta reaches the
