@@ -64,13 +64,8 @@ class Checkpointer:
             self._manager = ocp.CheckpointManager(self.directory, options=options,
                                                   item_handlers=handlers)
 
-    def latest_step(self) -> int | None:
-        """The newest complete checkpoint's step (after any pending save finishes), or None."""
-        self.wait()
-        return self._manager.latest_step()
-
     def all_steps(self) -> list[int]:
-        """Every complete checkpoint's step, oldest first."""
+        """Every complete checkpoint's step, oldest first (after any pending save finishes)."""
         self.wait()
         return sorted(self._manager.all_steps())
 

@@ -127,21 +127,21 @@ def test_save_every_keep_and_force(tmp_path):
     assert saved_steps == [3, 6, 9]
     assert ckpt.save(10, state, config=CONFIG, force=True)
     assert not ckpt.save(10, state, config=CONFIG, force=True)  # already saved
-    assert ckpt.latest_step() == 10
+    assert ckpt.all_steps() == [9, 10]
     ckpt.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["10", "9"]
-    assert Checkpointer(tmp_path, save_every=3, keep=2).latest_step() == 10
+    assert Checkpointer(tmp_path, save_every=3, keep=2).all_steps() == [9, 10]
 
 
-def test_empty_directory_has_no_latest_step(tmp_path):
-    assert Checkpointer(tmp_path / "new", save_every=1, keep=1).latest_step() is None
+def test_empty_directory_has_no_steps(tmp_path):
+    assert Checkpointer(tmp_path / "new", save_every=1, keep=1).all_steps() == []
 
 
 def test_save_cut_short_by_a_crash_is_ignored(tmp_path):
     """A process killed mid-save leaves only a tmp directory; resuming uses the earlier step."""
     child = textwrap.dedent(f"""
         import os, time, numpy as np
-        from edit_jax.checkpoint import Checkpointer, CorruptCheckpoint
+        from edit_jax.checkpoint import Checkpointer
         ckpt = Checkpointer({str(tmp_path)!r}, save_every=1, keep=3)
         ckpt.save(1, {{"x": np.ones(4, np.float32)}}, config={{}})
         ckpt.wait()
@@ -154,7 +154,7 @@ def test_save_cut_short_by_a_crash_is_ignored(tmp_path):
                    cwd=Path(__file__).parent.parent)
     assert (tmp_path / "2.orbax-checkpoint-tmp").is_dir() and not (tmp_path / "2").exists()
     ckpt = Checkpointer(tmp_path, save_every=1, keep=3)
-    assert ckpt.latest_step() == 1
+    assert ckpt.all_steps() == [1]
     sharding = NamedSharding(make_mesh((2, 4)), P())
     state, _ = ckpt.restore(1, {"x": jax.ShapeDtypeStruct((4,), np.float32, sharding=sharding)})
     np.testing.assert_array_equal(np.asarray(state["x"]), np.ones(4, np.float32))
@@ -188,7 +188,7 @@ def _truncate(pattern):
 def test_corrupt_checkpoint(copy_of_saved, corrupt, reason):
     corrupt(copy_of_saved / "5")
     ckpt = Checkpointer(copy_of_saved, save_every=1, keep=3)
-    assert ckpt.latest_step() == 5
+    assert ckpt.all_steps() == [5]
     target = target_for(make_mesh((2, 4)), host_state())
     with pytest.raises(CorruptCheckpoint) as e:
         ckpt.restore(5, target, data_iterator=data_iterator())
