@@ -1,6 +1,7 @@
 """The training program end to end: resume, other meshes, errors, and that it learns."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,16 +12,17 @@ import pytest
 from edit_jax.cli import main
 from runs import EDIT, SMALL, final_state, train as _train
 
-@pytest.mark.parametrize("mesh", [["mesh.replica=4", "mesh.shard=2"],
-                                  ["mesh.replica=1", "mesh.shard=8"]])
-def test_ddp_resumes_onto_another_mesh_shape(tmp_path, mesh):
+def test_ddp_resumes_onto_other_mesh_shapes(tmp_path):
     """DDP replicas are identical, so another mesh continues the same trajectory."""
     ddp = "method.name=ddp"
     straight, _ = _train(tmp_path / "a", ddp, "run.steps=8", "run.checkpoint_every=100")
     _train(tmp_path / "b", ddp, "run.steps=4", "run.checkpoint_every=4")
-    resumed, _ = _train(tmp_path / "b", ddp, "run.steps=8", "run.checkpoint_every=4", *mesh)
-    np.testing.assert_allclose([resumed[s] for s in range(5, 9)],
-                               [straight[s] for s in range(5, 9)], atol=1e-5, rtol=0)
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    for run, mesh in (("b", ["mesh.replica=4", "mesh.shard=2"]),
+                      ("c", ["mesh.replica=1", "mesh.shard=8"])):
+        resumed, _ = _train(tmp_path / run, ddp, "run.steps=8", "run.checkpoint_every=4", *mesh)
+        np.testing.assert_allclose([resumed[s] for s in range(5, 9)],
+                                   [straight[s] for s in range(5, 9)], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -97,16 +99,13 @@ def test_default_command_learns(tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["summary"]["step"] == 40
 
 
-def test_saving_checkpoints_does_not_change_the_edit_trajectory(tmp_path):
-    rarely, _ = _train(tmp_path / "a", *EDIT, "run.steps=10", "run.checkpoint_every=100")
-    always, _ = _train(tmp_path / "b", *EDIT, "run.steps=10", "run.checkpoint_every=1")
-    assert [always[s] for s in range(1, 11)] == [rarely[s] for s in range(1, 11)]
-
-
-def test_edit_resume_restores_the_outer_state_exactly(tmp_path):
+def test_edit_saves_without_changing_the_trajectory_and_resumes_exactly(tmp_path):
+    """Saving (at a local step and at a sync) leaves the trajectory bit for bit as it was; the
+    resume after the sync restores the outer state exactly."""
     straight, rows = _train(tmp_path / "a", *EDIT, "run.steps=10", "run.checkpoint_every=100")
     _train(tmp_path / "b", *EDIT, "run.steps=6", "run.checkpoint_every=3")  # stops after a sync
     resumed, _ = _train(tmp_path / "b", *EDIT, "run.steps=10", "run.checkpoint_every=3")
+    assert [resumed[s] for s in range(1, 7)] == [straight[s] for s in range(1, 7)]
     np.testing.assert_allclose([resumed[s] for s in range(7, 11)],
                                [straight[s] for s in range(7, 11)], atol=1e-6, rtol=0)
     assert [r["step"] for r in rows if r.get("sync")] == [6, 9]
