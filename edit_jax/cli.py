@@ -20,7 +20,8 @@ def _parser() -> argparse.ArgumentParser:
         "train", help="train (or resume) a model",
         description="Train a Llama on the ('replica', 'shard') mesh. Rerunning the same command "
                     "resumes from the newest checkpoint in run.run_dir.")
-    train.add_argument("--config", help="YAML file or a bundled config name (tiny, small, 350m, 1b, ...)")
+    train.add_argument("--config",
+                       help="YAML file or a bundled config name (tiny, small, 350m, 1b, ...)")
     train.add_argument("--coordinator-address", help="HOST:PORT of process 0 (multi-host runs)")
     train.add_argument("--num-processes", type=int, help="number of processes (multi-host runs)")
     train.add_argument("--process-id", type=int, help="this process's index (multi-host runs)")
