@@ -306,9 +306,8 @@ def chunked_cross_entropy(head: Callable[[Any, jax.Array], jax.Array], head_para
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def nll_sum(params, x_CxD, labels_C):
-        logits_CxV = head(params, x_CxD)
-        label_logits_C = jnp.take_along_axis(logits_CxV, labels_C[:, None], axis=-1)[:, 0]
-        return jnp.sum(jax.nn.logsumexp(logits_CxV, axis=-1) - label_logits_C)
+        return optax.softmax_cross_entropy_with_integer_labels(head(params, x_CxD),
+                                                               labels_C).sum()
 
     def body(carry, xs):  # no carry: under shard_map its type would have to match the inputs'
         return carry, nll_sum(head_params, *xs)
