@@ -11,12 +11,20 @@ takes one Nesterov step), `nesterov` (naive asynchronous DiLoCo: Nesterov per ar
 `delayed_nesterov` (`outer.delayed_nesterov` with N = W). DyLU gives worker w
 max(1, floor(H * v_w / max v)) local steps, v = 1 / step time, so workers finish together.
 
+The paper's protocol (section 4 there): every rule starts from one model pretrained
+synchronously (`pretrain_steps` AdamW steps on the global batch, computed once and shared; each
+worker starts with its optimizer state), and the rules are compared at equal local steps over
+all workers (`num_local_steps`, the paper's "updates") and over simulated time. With
+`min_lr_ratio` < 1 the inner learning rate follows a cosine from `inner_lr` to
+`inner_lr * min_lr_ratio` over the local-step budget, driven by the local steps the server has
+applied when a worker reads phi (the paper drives one schedule per data shard and balances the
+shards' progress, which makes it follow the global progress too).
+
 Choices: each worker keeps its own AdamW state from one round to the next (DiLoCo's choice);
 only its parameters restart from phi. Worker w reads rows [w*B/W, (w+1)*B/W) of the global
-batches (`train_iterator` with process_index=w), so the workers' streams are disjoint. The
-inner learning rate is constant, so no method depends on which clock a schedule would follow.
-`updates` counts pseudo-gradients applied: one per arrival, W per synchronous round, so equal
-updates mean equal local work (DyLU aside).
+batches (`train_iterator` with process_index=w), after those pretraining used, so the workers'
+streams are disjoint. `updates` counts pseudo-gradients applied: one per arrival, W per
+synchronous round.
 """
 
 from __future__ import annotations
@@ -41,24 +49,29 @@ from edit_jax.optimizer import decay_mask
 from edit_jax.outer import delayed_nesterov
 from edit_jax.tokenizer import load_tokenizer
 
-PAPER_STEP_TIMES = (0.58, 0.75, 1.51, 3.33)  # seconds per local step of the paper's 4 workers
+PAPER_STEP_TIMES = (0.58, 0.75, 1.51, 3.33)  # s per local step, the authors' public notebook
+PRETRAIN_CHUNK = 50  # pretraining steps per jitted call
 OUTER_RULES = ("sync", "nesterov", "delayed_nesterov")
 
 
 @dataclasses.dataclass(frozen=True)
 class SimConfig:
-    """One simulated run; set `num_updates`, `sim_time` or both (0 = no limit)."""
+    """One simulated run; set at least one budget: `num_updates`, `num_local_steps` or
+    `sim_time` (0 = no limit)."""
 
     step_times: tuple[float, ...] = PAPER_STEP_TIMES  # simulated seconds per local step
     local_steps: int = 50  # H
     outer: str = "delayed_nesterov"  # sync | nesterov | delayed_nesterov
     dylu: bool = False
     num_updates: int = 0  # stop once this many pseudo-gradients are applied
+    num_local_steps: int = 0  # stop once the applied ones hold this many local steps
     sim_time: float = 0.0  # stop before the first arrival after this simulated time
+    pretrain_steps: int = 0  # synchronous AdamW steps on the global batch before the rules run
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     activation: float = 0.0  # delayed Nesterov's c
     inner_lr: float = 3e-3
+    min_lr_ratio: float = 1.0  # < 1: cosine decay over num_local_steps (1 = constant)
     weight_decay: float = 0.1
     clip_norm: float = 1.0  # inner global-norm clipping; 0 = off
     eval_every: int = 4  # evaluate each time this many more pseudo-gradients are applied
@@ -89,12 +102,23 @@ def local_step_counts(step_times: Sequence[float], local_steps: int, dylu: bool)
     return [max(1, math.floor(local_steps * v / max(speeds))) for v in speeds]
 
 
-def inner_tx(lr: float, weight_decay: float, clip_norm: float) -> optax.GradientTransformation:
-    """The workers' optimizer: global-norm clipping (if clip_norm > 0), then constant-rate AdamW."""
-    adamw = optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=weight_decay, mask=decay_mask)
+def inner_tx(weight_decay: float, clip_norm: float) -> optax.GradientTransformation:
+    """The workers' optimizer at learning rate 1: global-norm clipping (if clip_norm > 0), then
+    AdamW; scaling its update by lr is AdamW at lr (weight decay included)."""
+    adamw = optax.adamw(1.0, b1=0.9, b2=0.95, weight_decay=weight_decay, mask=decay_mask)
     if clip_norm <= 0:
         return adamw
     return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+
+
+def inner_lr(sim: SimConfig, applied_local_steps: int) -> float:
+    """The inner learning rate of a round that starts when the server has applied
+    `applied_local_steps`: constant, or a cosine over the local-step budget."""
+    if sim.min_lr_ratio == 1.0:
+        return sim.inner_lr
+    progress = min(applied_local_steps / sim.num_local_steps, 1.0)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return sim.inner_lr * (sim.min_lr_ratio + (1 - sim.min_lr_ratio) * cosine)
 
 
 def outer_tx(sim: SimConfig) -> optax.GradientTransformation:
@@ -106,16 +130,17 @@ def outer_tx(sim: SimConfig) -> optax.GradientTransformation:
 
 
 @functools.cache
-def _programs(graphdef, lr: float, weight_decay: float, clip_norm: float):
+def _programs(graphdef, weight_decay: float, clip_norm: float):
     """(inner optimizer, jitted local run, jitted evaluation), cached so that runs of one model
     and inner optimizer share the compilations."""
-    tx = inner_tx(lr, weight_decay, clip_norm)
+    tx = inner_tx(weight_decay, clip_norm)
 
-    def run_local(params, opt_state, batches_HxBxT1, num_steps):
+    def run_local(params, opt_state, batches_HxBxT1, num_steps, lr):
         def step(i, carry):
             params, opt_state = carry
             grads = jax.grad(lambda p: loss_fn(graphdef, p, batches_HxBxT1[i])[0])(params)
             updates, opt_state = tx.update(grads, opt_state, params)
+            updates = jax.tree.map(lambda u: lr * u, updates)
             return optax.apply_updates(params, updates), opt_state
 
         return jax.lax.fori_loop(0, num_steps, step, (params, opt_state))
@@ -143,13 +168,32 @@ class _Worker:
         self._batches, self._opt_state = batches, opt_state
         self._run_local, self._max_steps = run_local, max_steps
 
-    def run(self, phi):
-        """theta after this worker's local steps from phi; its AdamW state carries over."""
+    def run(self, phi, lr: float):
+        """theta after this worker's local steps from phi at inner learning rate `lr`; its
+        AdamW state carries over."""
         batches = [next(self._batches) for _ in range(self.steps)]
         batches += [np.zeros_like(batches[0])] * (self._max_steps - self.steps)  # never read
         theta, self._opt_state = self._run_local(phi, self._opt_state, np.stack(batches),
-                                                 self.steps)
+                                                 self.steps, lr)
         return theta
+
+
+@functools.cache
+def pretrained(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, steps: int,
+               lr: float, weight_decay: float, clip_norm: float):
+    """(phi, AdamW state) after `steps` synchronous AdamW steps at `lr` on the global batches
+    from the initial model of `seed`; cached, so every rule of a comparison starts from it."""
+    tokenizer = load_tokenizer(data_cfg)
+    graphdef, params = init_model(model_cfg, model_cfg.vocab_size or tokenizer.vocab_size, seed)
+    tx, run_local, _ = _programs(graphdef, weight_decay, clip_norm)
+    opt_state = tx.init(params)
+    batches = train_iterator(data_cfg, tokenizer, process_index=0, process_count=1)
+    for done in range(0, steps, PRETRAIN_CHUNK):
+        chunk = min(PRETRAIN_CHUNK, steps - done)
+        stacked = [next(batches) for _ in range(chunk)]
+        stacked += [np.zeros_like(stacked[0])] * (PRETRAIN_CHUNK - chunk)  # never read
+        params, opt_state = run_local(params, opt_state, np.stack(stacked), chunk, lr)
+    return params, opt_state
 
 
 def simulate(model_cfg: ModelConfig, data_cfg: DataConfig, sim: SimConfig) -> SimResult:
@@ -166,13 +210,18 @@ def simulate(model_cfg: ModelConfig, data_cfg: DataConfig, sim: SimConfig) -> Si
     _validate(sim, data_cfg)
     num_workers = len(sim.step_times)
     tokenizer = load_tokenizer(data_cfg)
-    graphdef, phi = init_model(model_cfg, model_cfg.vocab_size or tokenizer.vocab_size, sim.seed)
-    tx, run_local, evaluate = _programs(graphdef, sim.inner_lr, sim.weight_decay, sim.clip_norm)
+    graphdef, _ = init_model(model_cfg, model_cfg.vocab_size or tokenizer.vocab_size, sim.seed)
+    _, run_local, evaluate = _programs(graphdef, sim.weight_decay, sim.clip_norm)
+    phi, opt_state = pretrained(model_cfg, data_cfg, sim.seed, sim.pretrain_steps, sim.inner_lr,
+                                sim.weight_decay, sim.clip_norm)
     steps = local_step_counts(sim.step_times, sim.local_steps, sim.dylu)
-    workers = [_Worker(w, steps[w], sim.step_times[w],
-                       train_iterator(data_cfg, tokenizer, process_index=w,
-                                      process_count=num_workers),
-                       tx.init(phi), run_local, max(steps)) for w in range(num_workers)]
+    streams = [train_iterator(data_cfg, tokenizer, process_index=w, process_count=num_workers)
+               for w in range(num_workers)]
+    for stream in streams:  # past the batches pretraining used
+        for _ in range(sim.pretrain_steps):
+            next(stream)
+    workers = [_Worker(w, steps[w], sim.step_times[w], streams[w], opt_state, run_local,
+                       max(steps)) for w in range(num_workers)]
     val_NxBxT1 = np.stack(eval_batches(data_cfg, tokenizer, num_batches=sim.eval_batches,
                                        process_index=0, process_count=1))
     result = SimResult(config={**dataclasses.asdict(sim), "step_times": list(sim.step_times)},
@@ -206,8 +255,15 @@ class _Server:
         if self.updates // self._sim.eval_every > before // self._sim.eval_every:
             self._record()
 
+    @property
+    def lr(self) -> float:
+        """The inner learning rate of a round starting now."""
+        return inner_lr(self._sim, self._local_steps)
+
     def done(self) -> bool:
-        return 0 < self._sim.num_updates <= self.updates
+        sim = self._sim
+        return (0 < sim.num_updates <= self.updates
+                or 0 < sim.num_local_steps <= self._local_steps)
 
     def finish(self) -> None:
         """Evaluates the final phi unless that was just done."""
@@ -228,7 +284,7 @@ def _sync_rounds(sim: SimConfig, workers: list[_Worker], server: _Server) -> Non
     """DiLoCo: every worker runs from phi, the slowest sets the round time, one outer step."""
     round_time = max(w.steps * w.step_time for w in workers)
     while not server.done() and not _over_time(sim, server.time + round_time):
-        thetas = [w.run(server.phi) for w in workers]
+        thetas = [w.run(server.phi, server.lr) for w in workers]
         server.apply(server.time + round_time, server.phi, thetas, [(w, 0) for w in workers])
 
 
@@ -237,7 +293,7 @@ def _async_arrivals(sim: SimConfig, workers: list[_Worker], server: _Server) -> 
     pending, queue = {}, []
 
     def start(worker: _Worker, now: float) -> None:
-        pending[worker.index] = (server.phi, worker.run(server.phi), server.updates)
+        pending[worker.index] = (server.phi, worker.run(server.phi, server.lr), server.updates)
         heapq.heappush(queue, (now + worker.steps * worker.step_time, worker.index))
 
     for worker in workers:
@@ -258,8 +314,14 @@ def _validate(sim: SimConfig, data_cfg: DataConfig) -> None:
         raise UserError(f"local_steps must be at least 1, got {sim.local_steps}")
     if sim.outer not in OUTER_RULES:
         raise UserError(f"unknown outer rule '{sim.outer}'; use one of {', '.join(OUTER_RULES)}")
-    if sim.num_updates <= 0 and sim.sim_time <= 0:
-        raise UserError("the simulation needs a budget: set num_updates or sim_time above 0")
+    if sim.num_updates <= 0 and sim.num_local_steps <= 0 and sim.sim_time <= 0:
+        raise UserError("the simulation needs a budget: set num_updates, num_local_steps or "
+                        "sim_time above 0")
+    if not 0 <= sim.min_lr_ratio <= 1 or (sim.min_lr_ratio < 1 and sim.num_local_steps <= 0):
+        raise UserError("min_lr_ratio must be in [0, 1], and below 1 (a decay) it needs "
+                        "num_local_steps, the length of the schedule")
+    if sim.pretrain_steps < 0:
+        raise UserError(f"pretrain_steps must be at least 0, got {sim.pretrain_steps}")
     if sim.eval_every < 1 or sim.eval_batches < 1:
         raise UserError("eval_every and eval_batches must be at least 1")
     if data_cfg.global_batch_size % len(sim.step_times):

@@ -50,10 +50,32 @@ def _parser() -> argparse.ArgumentParser:
                         help="number of processes")
     launch.add_argument("--devices-per-process", type=int, metavar="D",
                         help="fake CPU devices per process (default: mesh.num_cpu_devices / N)")
+    launch.add_argument("--link-mbit", type=float, metavar="RATE",
+                        help="run the 2 processes in network namespaces joined by a link of "
+                             "RATE Mbit/s each way, so all their traffic crosses a real slow "
+                             "link (Linux, root, iproute2)")
     launch.add_argument("--config", help="YAML file or a bundled config name")
     launch.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, passed to every process")
+    plot = commands.add_parser(
+        "plot", help="loss curves of several runs in one PNG",
+        description="Plot the train and validation loss of each run directory in one PNG "
+                    "(sync weights and local steps below, where runs have them), labelled by "
+                    "method and key settings from each run's config.json.")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run.run_dir of each run")
+    plot.add_argument("--x", default="tokens", choices=["tokens", "step", "wall_time",
+                                                        "replica_bytes"],
+                      help="x axis: tokens, step, wall_time, or the bytes each device sent over "
+                           "replica (default: tokens)")
+    plot.add_argument("--out", default="loss.png", metavar="FILE.png",
+                      help="where to write the PNG (default: loss.png)")
     return parser
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from edit_jax.plot import load_runs, save_plot
+
+    print(f"wrote {save_plot(load_runs(args.run_dirs), args.x, args.out)}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -92,10 +114,10 @@ def _launch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     devices = devices_per_process(cfg.mesh, args.processes, args.devices_per_process)
     config = ["--config", args.config] if args.config else []
-    return launch([*config, *args.overrides], args.processes, devices)
+    return launch([*config, *args.overrides], args.processes, devices, args.link_mbit)
 
 
-COMMANDS = {"train": _train, "inspect": _inspect, "launch": _launch}
+COMMANDS = {"train": _train, "inspect": _inspect, "launch": _launch, "plot": _plot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,14 +33,18 @@ def step_kinds(method: Method) -> list[StepKind]:
     return [kind for kind in StepKind if kind in used]
 
 
-def compile_steps(program: Program) -> dict[StepKind, jax.stages.Compiled]:
-    """Compile the train step of every kind the method runs, from abstract values only."""
+def compile_step(program: Program, kind: StepKind) -> jax.stages.Compiled:
+    """Compile the train step of one kind from abstract values only (nothing is allocated; a
+    step already compiled for the same shapes comes from JAX's compilation cache)."""
     cfg = program.cfg
     batch = jax.ShapeDtypeStruct((cfg.data.global_batch_size, cfg.data.seq_len + 1), jnp.int32,
                                  sharding=program.layout.batch_sharding)
-    state = program.abstract_state()
-    return {kind: program.train_steps[kind].lower(state, batch).compile()
-            for kind in step_kinds(program.method)}
+    return program.train_steps[kind].lower(program.abstract_state(), batch).compile()
+
+
+def compile_steps(program: Program) -> dict[StepKind, jax.stages.Compiled]:
+    """Compile the train step of every kind the method runs, from abstract values only."""
+    return {kind: compile_step(program, kind) for kind in step_kinds(program.method)}
 
 
 def bytes_per_device(tree) -> int:
@@ -49,9 +53,11 @@ def bytes_per_device(tree) -> int:
                for x in jax.tree.leaves(tree))
 
 
-def _across_replicas(summary: dict, key: str) -> int:
-    """Bytes of the ops whose device groups span `replica` (axis 'replica' or 'both')."""
-    return summary["by_axis"]["replica"][key] + summary["by_axis"]["both"][key]
+def replica_traffic(summary: dict) -> dict[str, int]:
+    """Per device, payload and wire bytes of the ops whose device groups span `replica` (axis
+    'replica' or 'both'), from a `summarize` output."""
+    return {name: summary["by_axis"]["replica"][key] + summary["by_axis"]["both"][key]
+            for name, key in (("replica_bytes", "bytes"), ("replica_wire_bytes", "wire_bytes"))}
 
 
 def inspect_program(program: Program,
@@ -68,9 +74,8 @@ def inspect_program(program: Program,
     steps = {}
     for kind, step in compiled.items():
         summary = summarize(collective_stats(step, mesh))
-        steps[kind.value] = {"replica_bytes": _across_replicas(summary, "bytes"),
-                             "replica_wire_bytes": _across_replicas(summary, "wire_bytes"),
-                             "collectives": summary, "memory": memory_stats(step)}
+        steps[kind.value] = {**replica_traffic(summary), "collectives": summary,
+                             "memory": memory_stats(step)}
     period = sync_period(program.method)
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(program.params_shapes))
     return {

@@ -4,7 +4,8 @@ For running and testing multi-process training on one machine: each process gets
 devices, so a mesh with `replica` = N puts one replica in each process, as on a cluster with one
 replica per host. A cluster runs `edit-jax train` once per host instead. The launcher relays the
 processes' output line by line with a `[p<i>] ` prefix, stops the others as soon as one fails
-(nothing is left running or hanging), and passes Ctrl-C / SIGTERM on to all of them.
+(nothing is left running or hanging), and passes Ctrl-C / SIGTERM on to all of them. With
+`--link-mbit`, two processes talk only over a rate-limited link (slow_link.py).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import portpicker
 from edit_jax.config import MeshConfig
 from edit_jax.errors import UserError
 from edit_jax.mesh import resolve_mesh_shape
+from edit_jax.slow_link import SlowLink
 
 GRACE_S = 5.0  # how long a process may take to exit after SIGTERM before it is killed
 POLL_S = 0.1
+LINK_PORT = 12321  # process 0's coordinator port inside its own, empty, network namespace
 _LINE_START = re.compile(rb"(?:^|(?<=[\r\n]))(?=[^\r\n])")  # where a non-empty line begins
 _PR_SET_PDEATHSIG = 1  # prctl option (Linux): a signal the kernel sends when the parent dies
 _LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
@@ -49,18 +52,31 @@ def devices_per_process(mesh_cfg: MeshConfig, processes: int, requested: int | N
 
 
 def train_commands(train_args: Sequence[str], processes: int, devices: int,
-                   port: int) -> list[list[str]]:
-    """The `edit-jax train` command line of each process."""
+                   coordinator: str) -> list[list[str]]:
+    """The `edit-jax train` command line of each process; process 0 serves at `coordinator`
+    (HOST:PORT)."""
     return [[sys.executable, "-m", "edit_jax.cli", "train",
-             "--coordinator-address", f"localhost:{port}", "--num-processes", str(processes),
+             "--coordinator-address", coordinator, "--num-processes", str(processes),
              "--process-id", str(i), *train_args, f"mesh.num_cpu_devices={devices}"]
             for i in range(processes)]
 
 
-def launch(train_args: Sequence[str], processes: int, devices: int) -> int:
-    """Run the N processes to the end; returns the exit status (130 after Ctrl-C)."""
-    port = portpicker.pick_unused_port()
-    return run_processes(train_commands(train_args, processes, devices, port))
+def launch(train_args: Sequence[str], processes: int, devices: int,
+           link_mbit: float | None = None) -> int:
+    """Run the N processes to the end; returns the exit status (130 after Ctrl-C).
+
+    With `link_mbit`, the two processes run in network namespaces joined by a link of that
+    many Mbit/s each way (slow_link.py), so all their traffic crosses it.
+    """
+    if link_mbit is None:
+        port = portpicker.pick_unused_port()
+        return run_processes(train_commands(train_args, processes, devices, f"localhost:{port}"))
+    if processes != 2:
+        raise UserError(f"--link-mbit joins exactly 2 processes, got --processes {processes}")
+    with SlowLink(link_mbit) as link:
+        commands = train_commands(train_args, processes, devices,
+                                  f"{link.address(0)}:{LINK_PORT}")
+        return run_processes([link.command(i, c) for i, c in enumerate(commands)])
 
 
 def run_processes(commands: Sequence[Sequence[str]]) -> int:

@@ -207,14 +207,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
 
 
 def make_eval_step(graphdef, layout: Layout):
-    """jit(shard_map): (params, tokens) -> mean loss of the replica-averaged model."""
+    """jit(shard_map): (params, tokens of N batches) -> mean loss of the replica-averaged model
+    over the N batches. The replicas are averaged once per evaluation, not once per batch: on a
+    slow link between replicas that average is the evaluation's cost."""
     gather = make_gather(layout.dims)
 
-    def local_eval(params, tokens_bxT1):
+    def local_eval(params, tokens_Nxbx_T1):
         mean_params = jax.lax.pmean(_unstack(params), "replica")
-        loss = loss_fn(graphdef, mean_params, tokens_bxT1, gather)[0]
-        return jax.lax.pmean(loss, ("replica", "shard"))
+        losses = jax.lax.map(lambda tokens: loss_fn(graphdef, mean_params, tokens, gather)[0],
+                             tokens_Nxbx_T1)
+        return jax.lax.pmean(jnp.mean(losses), ("replica", "shard"))
 
     return jax.jit(jax.shard_map(local_eval, mesh=layout.mesh,
-                                 in_specs=(layout.state_specs["params"], BATCH_SPEC),
+                                 in_specs=(layout.state_specs["params"], P(None, *BATCH_SPEC)),
                                  out_specs=P()))

@@ -21,6 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from edit_jax import data as data_lib
@@ -30,12 +31,15 @@ from edit_jax.config import Config, to_dict
 from edit_jax.elastic import restore
 from edit_jax.errors import UserError
 from edit_jax.methods import StepKind
+from edit_jax.metrics import MetricsLog
 from edit_jax.optimizer import lr_schedule
 from edit_jax.peers import Watchdog, barrier, collective_errors
 from edit_jax.program import Program, build_program
+from edit_jax.sharding import BATCH_SPEC
 from edit_jax.step import Layout, TrainState
 from edit_jax.stragglers import Straggler
 from edit_jax.tokenizer import load_tokenizer
+from edit_jax.traffic import ReplicaTraffic
 
 
 def log(message: str) -> None:
@@ -48,48 +52,6 @@ def warn(message: str) -> None:
     """Print a one-line warning once per run (from process 0) on stderr."""
     if jax.process_index() == 0:
         tqdm.write(f"warning: {message}", file=sys.stderr)
-
-
-class MetricsLog:
-    """`<run_dir>/metrics.jsonl`: one JSON object per line; rows past a resume point dropped.
-
-    A crash can leave a torn last line; it is dropped with a warning. The file is rewritten
-    through a temporary file and a rename, so a crash during the rewrite loses nothing.
-    """
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        self.enabled = jax.process_index() == 0
-        if self.enabled and path.exists():
-            rows = _read_rows(path)
-            kept = "".join(json.dumps(row) + "\n" for row in rows
-                           if row.get("step", 0) <= resume_step)
-            partial = path.with_name(path.name + ".tmp")
-            partial.write_text(kept)
-            os.replace(partial, path)
-
-    def write(self, row: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
-
-def _read_rows(path: Path) -> list[dict]:
-    """The rows of a metrics file; an unparsable last line (a torn write) is dropped with a
-    warning, an unparsable line before it is an error (the file was edited or damaged)."""
-    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1)
-             if line.strip()]
-    rows = []
-    for number, line in lines:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number != lines[-1][0]:
-                raise UserError(f"{path} line {number} is not JSON ({line[:40]!r}); fix or "
-                                "remove that line, or use a new run.run_dir") from None
-            warn(f"dropped the torn last line of {path} (line {number}, {line[:40]!r}), "
-                 "left by an interrupted write")
-    return rows
 
 
 class StopRequest:
@@ -142,11 +104,13 @@ def train(cfg: Config) -> dict:
 
     iterator = data_lib.train_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
                                        process_count=jax.process_count())
-    eval_batches = [_global_batch(layout, rows, cfg.data.global_batch_size)
-                    for rows in data_lib.eval_batches(cfg.data, tokenizer,
-                                                      num_batches=cfg.run.eval_batches,
-                                                      process_index=jax.process_index(),
-                                                      process_count=jax.process_count())]
+    local_eval_rows = np.stack(data_lib.eval_batches(cfg.data, tokenizer,
+                                                     num_batches=cfg.run.eval_batches,
+                                                     process_index=jax.process_index(),
+                                                     process_count=jax.process_count()))
+    eval_batches = jax.make_array_from_process_local_data(  # (batches, global rows, T + 1)
+        jax.sharding.NamedSharding(layout.mesh, P(None, *BATCH_SPEC)), local_eval_rows,
+        (cfg.run.eval_batches, cfg.data.global_batch_size, local_eval_rows.shape[2]))
     ckpt = Checkpointer(run_dir / "checkpoints", save_every=cfg.run.checkpoint_every,
                         keep=cfg.run.keep_checkpoints)
     start, state = _resume(ckpt, program, iterator)
@@ -154,11 +118,23 @@ def train(cfg: Config) -> dict:
         log(f"resumed from step {start} in {run_dir}")
     else:
         state = program.init_state()
+    if jax.process_index() == 0:
+        _write_config(run_dir / "config.json", cfg)
 
-    summary = _Loop(program, state, iterator, eval_batches, ckpt,
-                    MetricsLog(run_dir / "metrics.jsonl", start)).run()
+    metrics = MetricsLog(run_dir / "metrics.jsonl", start, enabled=jax.process_index() == 0,
+                         tensorboard=cfg.run.tensorboard, warn=warn)
+    summary = _Loop(program, state, iterator, eval_batches, ckpt, metrics).run()
+    metrics.close()
     ckpt.close()
     return summary
+
+
+def _write_config(path: Path, cfg: Config) -> None:
+    """The run's resolved config as JSON, for `edit-jax plot` and other readers (written
+    through a temporary file, so it is always whole)."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
+    os.replace(partial, path)
 
 
 def _resume(ckpt: Checkpointer, program: Program, iterator) -> tuple[int, TrainState | None]:
@@ -237,7 +213,11 @@ class _Loop:
                                                 local_replica_indices(layout.mesh))
         self.local_phase = LocalPhase(program, self.straggler) if program.method.timed else None
         self.watchdog = Watchdog(self.cfg.run.barrier_timeout_seconds)
-        self.started = time.perf_counter()  # for the rows' wall_time
+        # The rows' wall_time: seconds in this run's loops, continued across resumes.
+        resumed_at = [r["wall_time"] for r in metrics.kept if "wall_time" in r]
+        self.started = time.perf_counter() - (resumed_at[-1] if resumed_at else 0.0)
+        self.traffic = ReplicaTraffic(program)
+        self.traffic.resume(metrics.kept, self.step)
         self.schedule = lr_schedule(self.cfg.optimizer, self.cfg.run.steps)
         self.config_dict = to_dict(self.cfg)  # saved with every checkpoint
 
@@ -271,9 +251,10 @@ class _Loop:
         run = self.cfg.run
         before = self.step
         self.steps.advance(step_metrics)
+        self.traffic.add(kind)
         self.bar.update(self.step - before)
         if kind is StepKind.SYNC and "sync_weights" in step_metrics:
-            self.metrics.write(_sync_row(self.step, step_metrics))
+            self.metrics.write({**_sync_row(self.step, step_metrics), **self.progress()})
         logged = _crossed(before, self.step, run.log_every) or self.step == run.steps
         if logged:
             started, first_step = self.interval
@@ -318,33 +299,32 @@ class _Loop:
                              self.cfg.data.global_batch_size)
 
     def wall_time(self) -> float:
-        """Seconds since this run (or resumed run) started its loop."""
+        """Seconds this run has spent in its loops, over all its resumes."""
         return round(time.perf_counter() - self.started, 3)
 
     def tokens(self) -> int:
         return self.steps.total() * self.tokens_per_replica_step
 
+    def progress(self) -> dict:
+        """What every metrics row carries besides its step, so that curves can be drawn against
+        any of them: tokens, wall time, and the bytes each device sent over `replica`."""
+        return {"tokens": self.tokens(), "wall_time": self.wall_time(), **self.traffic.total}
+
     def train_row(self, step_metrics: dict, step_time: float) -> dict:
         """Write a train row; returns it with the tokens/s the progress bar shows."""
         loss = float(step_metrics["loss"].mean())
         row = {"step": self.step, "loss": loss, "lr": float(self.schedule(self.step - 1)),
-               "tokens": self.tokens(), "step_time": step_time,
-               "grad_norm": float(step_metrics["grad_norm"].mean()),
-               "wall_time": self.wall_time()}
+               "step_time": step_time, "grad_norm": float(step_metrics["grad_norm"].mean()),
+               **self.progress()}
         self.metrics.write(row)
         return {**row, "tok_s": self.cfg.data.global_batch_size * self.cfg.data.seq_len
                 / step_time}
 
     def evaluate(self, record: bool = True) -> float:
-        losses = []
-        for batch in self.eval_batches:
-            with self.watchdog.paused():  # the first call compiles
-                loss = self.program.eval_step(self.state["params"], batch)
-            losses.append(float(loss))
-        loss = float(np.mean(losses))
+        with self.watchdog.paused():  # the first call compiles
+            loss = float(self.program.eval_step(self.state["params"], self.eval_batches))
         if record:
-            self.metrics.write({"step": self.step, "eval_loss": loss,
-                                "wall_time": self.wall_time()})
+            self.metrics.write({"step": self.step, "eval_loss": loss, **self.progress()})
         log(f"step {self.step}: eval loss {loss:.4f}")
         return loss
 

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import write_report
+from benchlib import time_to, write_report
 
 
 def run(method: str, run_dir: Path, args, extra: list[str]) -> list[dict]:
@@ -40,12 +40,6 @@ def run(method: str, run_dir: Path, args, extra: list[str]) -> list[dict]:
     subprocess.run(command, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
                    stdout=subprocess.DEVNULL)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def time_to(rows: list[dict], target: float) -> float | None:
-    """Wall-clock seconds of the first evaluation at or below `target`."""
-    return next((r["wall_time"] for r in rows if "eval_loss" in r and r["eval_loss"] <= target),
-                None)
 
 
 def summary(rows: list[dict]) -> dict:

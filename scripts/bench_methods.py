@@ -1,22 +1,18 @@
-"""Method benchmark: bytes over `replica`, outer-state memory, step times and validation loss of
-ddp, local_sgd, diloco and edit on one mesh.
+"""Method benchmark: bytes over `replica`, outer-state memory and step times of ddp, local_sgd,
+diloco and edit on one mesh (their losses: scripts/compare_methods.py).
 
-    python scripts/bench_methods.py [--config FILE] [--mesh 2x4] [--sync-every 8] [--steps 150]
-                                    [--skip-training] [--out results/bench_methods.json]
-                                    [key=value ...]
+    python scripts/bench_methods.py [--config FILE] [--mesh 2x4] [--sync-every 8]
+                                    [--out results/bench_methods.json] [key=value ...]
 
 Bytes are read from the compiled HLO (`edit_jax.inspect_steps.inspect_program`): per device per
 step, averaged over a sync period ((tau-1) LOCAL + SYNC) / tau. Step times are medians of
 `TIMED_CALLS` calls after two warm-up calls on random tokens, given as ratios to the DDP step
-timed in the same run (on shared CPU machines quote the ratios, not the seconds). Training runs
-each method for --steps steps on the same batches (equal tokens) from a fresh run directory and
-reports the final validation loss.
+timed in the same run (on shared CPU machines quote the ratios, not the seconds).
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 from benchlib import TIMED_CALLS, time_step, write_report
 
@@ -28,8 +24,6 @@ def main() -> None:
     parser.add_argument("--config", default=None)
     parser.add_argument("--mesh", default="2x4", help="RxS: replicas x shards")
     parser.add_argument("--sync-every", type=int, default=8, help="tau: local steps per sync")
-    parser.add_argument("--steps", type=int, default=150, help="training steps per method")
-    parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--out", default="results/bench_methods.json")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
@@ -38,10 +32,10 @@ def main() -> None:
     from edit_jax.config import load_config
     from edit_jax.mesh import start_jax
 
-    def config(method: str, *extra: str):
+    def config(method: str):
         return load_config(args.config, [
             *args.overrides, f"mesh.replica={replicas}", f"mesh.shard={shards}",
-            f"method.name={method}", f"method.sync_every={args.sync_every}", *extra])
+            f"method.name={method}", f"method.sync_every={args.sync_every}"])
 
     base = config("ddp")
     start_jax(base.mesh)
@@ -52,7 +46,6 @@ def main() -> None:
     from edit_jax.methods import StepKind
     from edit_jax.program import build_program
     from edit_jax.tokenizer import load_tokenizer
-    from edit_jax.train import train
 
     vocab = base.model.vocab_size or load_tokenizer(base.data).vocab_size
     batch_rows, seq = base.data.global_batch_size, base.data.seq_len
@@ -81,35 +74,24 @@ def main() -> None:
             if ddp["replica_bytes_per_step"] else None)
         row["step_time_ratio_vs_ddp"] = {kind: t / ddp["step_time_s"]["ddp"]
                                          for kind, t in row["step_time_s"].items()}
-    if not args.skip_training:
-        for row in rows:
-            with tempfile.TemporaryDirectory() as run_dir:
-                summary = train(config(row["method"], f"run.steps={args.steps}",
-                                       f"run.eval_every={args.steps}",
-                                       f"run.checkpoint_every={args.steps}",
-                                       f"run.run_dir={run_dir}", "run.progress=false"))
-            row["final_eval_loss"] = summary["final_eval_loss"]
-            row["train_tokens"] = summary["tokens"]
-
     device = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
     title = (f"{ddp['num_params']:,} parameters, mesh {replicas} x {shards} (replica x shard), "
              f"tau {args.sync_every}, batch {batch_rows} x {seq} tokens, {device}")
     print(title)
     print(f"{'method':>10} | {'replica B/step':>14} | {'vs ddp':>6} | {'outer state B':>13} | "
-          f"{'local/ddp':>9} | {'sync/ddp':>8} | {'val loss':>8}")
+          f"{'local/ddp':>9} | {'sync/ddp':>8}")
     for row in rows:
         ratios = row["step_time_ratio_vs_ddp"]
         local = ratios.get("local", ratios.get("ddp"))
         sync = f"{ratios['sync']:8.2f}" if "sync" in ratios else f"{'-':>8}"
-        loss = f"{row['final_eval_loss']:8.4f}" if "final_eval_loss" in row else f"{'-':>8}"
         bytes_ratio = row["replica_bytes_ratio_vs_ddp"]
         bytes_ratio = f"{bytes_ratio:6.3f}" if bytes_ratio is not None else f"{'-':>6}"
         print(f"{row['method']:>10} | {row['replica_bytes_per_step']:14,.0f} | {bytes_ratio} | "
-              f"{row['outer_state_bytes_per_device']:13,} | {local:9.2f} | {sync} | {loss}")
+              f"{row['outer_state_bytes_per_device']:13,} | {local:9.2f} | {sync}")
     report = {"device": device, "device_kind": jax.devices()[0].device_kind,
               "mesh": {"replica": replicas, "shard": shards}, "sync_every": args.sync_every,
               "global_batch": batch_rows, "seq_len": seq, "timed_calls": TIMED_CALLS,
-              "train_steps": None if args.skip_training else args.steps, "results": rows}
+              "results": rows}
     write_report(report, args.out)
 
 

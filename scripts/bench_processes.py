@@ -39,7 +39,7 @@ def run(arm: str, run_dir: Path, args) -> list[float]:
     train_args = ["method.name=" + args.method, f"run.steps={args.steps}",
                   f"run.run_dir={run_dir}", "run.progress=false", "run.eval_every=100000",
                   "run.checkpoint_every=100000", *args.overrides]
-    commands = train_commands(train_args, 2, 4, portpicker.pick_unused_port())
+    commands = train_commands(train_args, 2, 4, f"localhost:{portpicker.pick_unused_port()}")
     if arm == "every_step":
         commands = [[c[0], "-c", EVERY_STEP, *c[3:]] for c in commands]
     print(f"{arm}: {' '.join(train_args)}", file=sys.stderr, flush=True)

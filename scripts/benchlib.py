@@ -32,3 +32,10 @@ def write_report(report: dict, path: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
+
+
+def time_to(rows: list[dict], target: float) -> float | None:
+    """Wall-clock seconds (the rows' `wall_time`) of a run's first evaluation at or below
+    `target`; None if it never got there."""
+    return next((r["wall_time"] for r in rows if "eval_loss" in r and r["eval_loss"] <= target),
+                None)

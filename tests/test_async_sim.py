@@ -170,36 +170,48 @@ def test_simulation_is_deterministic_and_json_serialisable():
     assert json.loads(json.dumps(dataclasses.asdict(first))) == dataclasses.asdict(first)
 
 
-def test_one_worker_sync_diloco_is_sequential_adamw():
+@pytest.mark.parametrize("pretrain_steps, min_lr_ratio, round_lrs", [
+    (0, 1.0, (1.0, 1.0)),
+    # A cosine to half the rate over 6 local steps: round 2 starts at progress 3/6, where the
+    # cosine factor is 0.5, so its rate is 0.5 + 0.5 * 0.5 = 0.75 of inner_lr.
+    (2, 0.5, (1.0, 0.75)),
+])
+def test_one_worker_sync_diloco_is_sequential_adamw(pretrain_steps, min_lr_ratio, round_lrs):
     # One worker, outer lr 1, no momentum: phi <- phi - (phi - theta) = theta, and the worker
-    # keeps its AdamW state, so R rounds of H steps are R*H plain AdamW steps on its stream.
+    # keeps its AdamW state (from pretraining, which reads the same stream first), so P
+    # pretraining steps and R rounds of H steps are P + R*H plain AdamW steps on its stream.
     data = _data(1)
-    sim = SimConfig(step_times=(1.0,), local_steps=3, outer="sync", num_updates=2,
-                    outer_lr=1.0, outer_momentum=0.0, eval_every=1, eval_batches=2)
+    sim = SimConfig(step_times=(1.0,), local_steps=3, outer="sync", num_local_steps=6,
+                    outer_lr=1.0, outer_momentum=0.0, eval_every=1, eval_batches=2,
+                    pretrain_steps=pretrain_steps, min_lr_ratio=min_lr_ratio)
     result = simulate(MODEL, data, sim)
 
     tokenizer = load_tokenizer(data)
     graphdef, params = init_model(MODEL, tokenizer.vocab_size, sim.seed)
-    tx = optax.chain(optax.clip_by_global_norm(sim.clip_norm),
-                     optax.adamw(sim.inner_lr, b1=0.9, b2=0.95, weight_decay=sim.weight_decay,
-                                 mask=decay_mask))
-    opt_state = tx.init(params)
     batches = train_iterator(data, tokenizer, process_index=0, process_count=1)
     val = eval_batches(data, tokenizer, num_batches=2, process_index=0, process_count=1)
 
+    def adamw(lr):
+        return optax.chain(optax.clip_by_global_norm(sim.clip_norm),
+                           optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=sim.weight_decay,
+                                       mask=decay_mask))
+
     @jax.jit
-    def step(params, opt_state, batch):
+    def step(params, opt_state, batch, lr):
         grads = jax.grad(lambda p: loss_fn(graphdef, p, batch)[0])(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        updates, opt_state = adamw(lr).update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
     def evaluate(params):
         return float(np.mean([loss_fn(graphdef, params, batch)[0] for batch in val]))
 
+    opt_state = adamw(sim.inner_lr).init(params)
+    for _ in range(pretrain_steps):
+        params, opt_state = step(params, opt_state, next(batches), sim.inner_lr)
     expected = [evaluate(params)]
-    for _ in range(2):
+    for lr in round_lrs:
         for _ in range(3):
-            params, opt_state = step(params, opt_state, next(batches))
+            params, opt_state = step(params, opt_state, next(batches), lr * sim.inner_lr)
         expected.append(evaluate(params))
     np.testing.assert_allclose([e["eval_loss"] for e in result.evals], expected, rtol=2e-5)
     assert [e["time"] for e in result.evals] == [0.0, 3.0, 6.0]
@@ -247,6 +259,7 @@ def test_seed002_naive_async_is_worse_and_delayed_nesterov_dylu_closes_the_gap()
 
 def test_bad_simulation_input_is_a_user_error():
     for sim, data in [(SimConfig(outer="adam", num_updates=1), _data(4)),
+                      (SimConfig(num_updates=1, min_lr_ratio=0.5), _data(4)),
                       (SimConfig(), _data(4)),
                       (SimConfig(num_updates=1), DataConfig(seq_len=32, global_batch_size=6)),
                       (SimConfig(step_times=(1.0, 0.0), num_updates=1), _data(2))]:

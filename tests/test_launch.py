@@ -26,7 +26,7 @@ def test_devices_per_process():
 
 
 def test_train_commands():
-    commands = launch.train_commands(["--config", "tiny", "run.steps=5"], 2, 4, 1234)
+    commands = launch.train_commands(["--config", "tiny", "run.steps=5"], 2, 4, "localhost:1234")
     assert [c[c.index("--process-id") + 1] for c in commands] == ["0", "1"]
     for command in commands:
         assert command[:4] == [sys.executable, "-m", "edit_jax.cli", "train"]

@@ -73,7 +73,7 @@ def test_a_lost_process_makes_the_other_stop_with_a_clear_error(tmp_path, sig):
     args = [*SMALL, *A_EDIT, f"run.run_dir={tmp_path}", "run.steps=100000",
             "method.sync_interval_seconds=0.3", "run.checkpoint_every=4",
             f"run.barrier_timeout_seconds={timeout_s}"]
-    commands = train_commands(args, 2, 4, portpicker.pick_unused_port())
+    commands = train_commands(args, 2, 4, f"localhost:{portpicker.pick_unused_port()}")
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=ENV) for c in commands]
     try:

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from edit_jax.cli import main
-from runs import EDIT, SMALL, final_state, train as _train
+from runs import EDIT, SMALL, VOCAB, final_state, train as _train
 
 def test_ddp_resumes_onto_other_mesh_shapes(tmp_path):
     """DDP replicas are identical, so another mesh continues the same trajectory."""
@@ -86,7 +87,10 @@ def test_unusable_checkpoints_are_a_clear_error(tmp_path, capsys):
 
 
 def test_default_command_learns(tmp_path):
-    """`edit-jax train` as a user runs it (the console entry point), shortened to 40 steps."""
+    """`edit-jax train` as a user runs it (the console entry point), shortened to 40 steps; a
+    metrics file left without any checkpoint (a run that crashed before its first) is started
+    afresh."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 99.0}\n')
     proc = subprocess.run(
         [sys.executable, "-m", "edit_jax.cli", "train", f"run.run_dir={tmp_path}",
          "run.steps=40", "run.eval_every=40", "run.progress=false"],
@@ -94,7 +98,7 @@ def test_default_command_learns(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     evals = [json.loads(line)["eval_loss"] for line in
              (tmp_path / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
-    assert evals[0] > 5.0  # about ln(257) at initialisation
+    assert 5.0 < evals[0] < 6.0  # about ln(257) at initialisation; the stale row is gone
     assert evals[-1] < evals[0] - 1.5
     assert json.loads(proc.stdout.strip().splitlines()[-1])["summary"]["step"] == 40
 
@@ -103,8 +107,10 @@ def test_edit_saves_without_changing_the_trajectory_and_resumes_exactly(tmp_path
     """Saving (at a local step and at a sync) leaves the trajectory bit for bit as it was; the
     resume after the sync restores the outer state exactly."""
     straight, rows = _train(tmp_path / "a", *EDIT, "run.steps=10", "run.checkpoint_every=100")
-    _train(tmp_path / "b", *EDIT, "run.steps=6", "run.checkpoint_every=3")  # stops after a sync
-    resumed, _ = _train(tmp_path / "b", *EDIT, "run.steps=10", "run.checkpoint_every=3")
+    _train(tmp_path / "b", *EDIT, "run.steps=6", "run.checkpoint_every=3",
+           "run.tensorboard=true")  # stops after a sync
+    resumed, resumed_rows = _train(tmp_path / "b", *EDIT, "run.steps=10",
+                                   "run.checkpoint_every=3", "run.tensorboard=true")
     assert [resumed[s] for s in range(1, 7)] == [straight[s] for s in range(1, 7)]
     np.testing.assert_allclose([resumed[s] for s in range(7, 11)],
                                [straight[s] for s in range(7, 11)], atol=1e-6, rtol=0)
@@ -115,3 +121,49 @@ def test_edit_saves_without_changing_the_trajectory_and_resumes_exactly(tmp_path
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
     np.testing.assert_array_equal(outer_a["rest"].stats.mean, outer_b["rest"].stats.mean)
+    _check_replica_bytes(rows, resumed_rows)
+    _check_tensorboard(tmp_path / "b" / "tensorboard", resumed_rows)
+
+
+def _check_replica_bytes(rows, resumed_rows):
+    """Every row's cumulative replica bytes are the compiled HLO's bytes of each step kind
+    times the steps of that kind run so far (EDIT: 2 DDP steps, then a sync at the start of
+    steps 5 and 8, 0-based), in the straight run and across the resume alike."""
+    from edit_jax.config import load_config
+    from edit_jax.inspect_steps import inspect_program
+    from edit_jax.program import build_program
+
+    report = inspect_program(build_program(load_config(None, [*SMALL, *EDIT]), VOCAB))
+    per_kind = {kind: step["replica_bytes"] for kind, step in report["steps"].items()}
+    assert per_kind["local"] == 0 and per_kind["ddp"] > 0 and per_kind["sync"] > 0
+    kinds = ["ddp", "ddp", "local", "local", "local", "sync", "local", "local", "sync", "local"]
+    for row in rows:
+        assert row["replica_bytes"] == sum(per_kind[k] for k in kinds[:row["step"]]), row
+    assert rows[-1]["replica_bytes"] == 2 * per_kind["ddp"] + 2 * per_kind["sync"]
+    def progress(rows):  # of the train and sync rows (the first run also evaluated at its end)
+        return [(r["step"], r["replica_bytes"], r["tokens"]) for r in rows if "eval_loss" not in r]
+
+    assert progress(resumed_rows) == progress(rows)
+    assert resumed_rows[-1]["wall_time"] > resumed_rows[7]["wall_time"]  # continued, not reset
+
+
+def _check_tensorboard(directory, rows):
+    """The event files (parsed here as TFRecords) hold every row's loss, and the resumed run's
+    file tells TensorBoard to drop the steps after the checkpoint (6) from the first file (which
+    itself starts by dropping anything an earlier run in the directory left)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            events.append(Event.FromString(data[at + 12:at + 12 + length]))
+            at += length + 16
+    losses = {e.step: v.simple_value for e in events for v in e.summary.value
+              if v.tag == "train/loss"}
+    assert losses == pytest.approx({r["step"]: r["loss"] for r in rows if "loss" in r})
+    assert [e.step for e in events if e.HasField("session_log")] == [0, 7]
+    assert {v.tag for e in events for v in e.summary.value} >= {
+        "eval/eval_loss", "sync/weights/0", "sync/weights/1", "train/replica_bytes"}
+

@@ -1,0 +1,157 @@
+"""Time to a target validation loss over a real slow link: each method as 2 processes (one
+replica each, 4 fake CPU devices) in network namespaces joined by a shaped veth pair.
+
+    python scripts/slow_link_time_to_loss.py [--link-mbit 100] [--steps 300] [--eval-every 20]
+        [--methods ddp,local_sgd,diloco,edit,a_edit] [--target LOSS] [--runs-dir runs/slow_link]
+        [--sync-every 8] [--out results/slow_link.json]
+        [--plot results/slow_link_loss_vs_wall_time.png]
+        [key=value ...]
+
+Every byte the two processes exchange crosses the link (edit_jax/slow_link.py; needs root and
+iproute2): the script reads the veth's counters and reports them next to the compiled HLO's
+replica bytes, which they must exceed. All methods train the same steps on the same batches
+(equal tokens) with the same evaluation schedule; `a_edit` syncs every tau x edit's measured
+step time. The target is the worst final validation loss of the methods (so all reach it)
+unless `--target` is given; the table gives each method's wall-clock time to it and the ratio to
+ddp's, measured in one invocation (the seconds are this machine's; the ratios are the result).
+Wall time counts each run's loop, evaluation included (the same schedule for every method),
+compilation excluded: before its measured run, each method runs a short one (its warm-up, two
+sync periods and an evaluation) that fills JAX's persistent compilation cache, so no method pays
+for compiling more step kinds than another. Resumable by method: one recorded in `--out` with
+the same settings is not rerun; an interrupted one is measured again from the start, since its
+link bytes must come from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+from benchlib import time_to, write_report
+
+from edit_jax.launch import LINK_PORT, run_processes, train_commands
+from edit_jax.slow_link import SlowLink
+
+DEVICES_PER_PROCESS = 4
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def launch(link: SlowLink, settings: list[str], run_dir: Path) -> None:
+    commands = train_commands([*settings, f"run.run_dir={run_dir}", "run.progress=false"], 2,
+                              DEVICES_PER_PROCESS, f"{link.address(0)}:{LINK_PORT}")
+    print(" ".join(settings), file=sys.stderr, flush=True)
+    if run_processes([link.command(i, c) for i, c in enumerate(commands)]):
+        raise SystemExit(f"the run in {run_dir} failed; rerun to resume it")
+
+
+def train_once(link: SlowLink, settings: list[str], run_dir: Path, warmup_steps: int) -> dict:
+    """One measured 2-process run over the link, after a short run of `warmup_steps` that
+    compiles everything it will run; its rows and the bytes each process sent on the veth."""
+    scratch = run_dir.with_name(run_dir.name + "-compile")
+    shutil.rmtree(scratch, ignore_errors=True)
+    launch(link, [*settings, f"run.steps={warmup_steps}", f"run.eval_every={warmup_steps}",
+                  f"run.checkpoint_every={warmup_steps}"], scratch)
+    shutil.rmtree(scratch)
+    shutil.rmtree(run_dir, ignore_errors=True)  # measured in one go, or the link bytes are not its
+    before = [link.sent_bytes(i) for i in range(2)]
+    launch(link, settings, run_dir)
+    return {"rows": rows_of(run_dir),
+            "link_sent_bytes": [link.sent_bytes(i) - before[i] for i in range(2)]}
+
+
+def summary(run: dict) -> dict:
+    rows = run["rows"]
+    evals = [r for r in rows if "eval_loss" in r]
+    trained = [r for r in rows if "loss" in r]
+    hlo = trained[-1]["replica_bytes"] * DEVICES_PER_PROCESS  # one process's devices
+    return {"final_eval_loss": evals[-1]["eval_loss"], "wall_time": trained[-1]["wall_time"],
+            "tokens": trained[-1]["tokens"],
+            "median_step_time": statistics.median(  # past the first row, where it can
+                r["step_time"] for r in trained[1:] or trained),
+            "hlo_replica_bytes_per_process": hlo,
+            "link_sent_bytes": run["link_sent_bytes"],
+            "link_over_hlo": min(run["link_sent_bytes"]) / hlo if hlo else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--link-mbit", type=float, default=100.0)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--sync-every", type=int, default=8, help="tau of the local methods")
+    parser.add_argument("--warmup-steps", type=int, default=30,
+                        help="synchronous steps before the local methods' first local step")
+    parser.add_argument("--methods", default="ddp,local_sgd,diloco,edit,a_edit")
+    parser.add_argument("--target", type=float, default=None)
+    parser.add_argument("--runs-dir", default="runs/slow_link")
+    parser.add_argument("--out", default="results/slow_link.json")
+    parser.add_argument("--plot", default="results/slow_link_loss_vs_wall_time.png")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    if "a_edit" in methods and "edit" not in methods[:methods.index("a_edit")]:
+        raise SystemExit("a_edit's sync interval comes from edit's step time: list edit first")
+
+    os.environ.update({  # every process compiles into and loads from one persistent cache
+        "JAX_COMPILATION_CACHE_DIR": str(Path(args.runs_dir).resolve() / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+    out = Path(args.out)
+    recorded = json.loads(out.read_text())["methods"] if out.exists() else {}
+    common = ["mesh.replica=2", f"mesh.shard={DEVICES_PER_PROCESS}", f"run.steps={args.steps}",
+              f"method.sync_every={args.sync_every}", f"method.warmup_steps={args.warmup_steps}",
+              f"run.eval_every={args.eval_every}", "run.eval_batches=2",
+              f"run.checkpoint_every={args.steps}", *args.overrides]
+    results = {}
+    with SlowLink(args.link_mbit) as link:
+        for method in methods:
+            settings = [f"method.name={method}", *common]
+            if method == "a_edit":
+                interval = args.sync_every * results["edit"]["median_step_time"]
+                settings.append(f"method.sync_interval_seconds={round(interval, 3)}")
+            if method in recorded and recorded[method]["settings"] == settings:
+                print(f"{method}: recorded, not rerun", file=sys.stderr)
+                results[method] = recorded[method]
+                continue
+            run_dir = Path(args.runs_dir) / method
+            compile_steps = args.warmup_steps + 2 * args.sync_every + 1
+            results[method] = {"settings": settings, "run_dir": str(run_dir),
+                               **summary(train_once(link, settings, run_dir, compile_steps))}
+            write_report({"link_mbit": args.link_mbit, "methods": results}, out)
+
+    target = args.target or max(r["final_eval_loss"] for r in results.values())
+    for method, result in results.items():
+        result["time_to_target"] = time_to(rows_of(Path(result["run_dir"])), target)
+    base = results.get("ddp", {}).get("time_to_target")
+    print(f"\n2 processes over a {args.link_mbit:g} Mbit/s link, {args.steps} steps each; "
+          f"target validation loss {target:.4f}")
+    print(f"{'method':<10}{'final val':>10}{'time to target':>16}{'vs ddp':>8}{'wall time':>11}"
+          f"{'step time':>11}{'link MB sent':>14}{'link/HLO':>10}")
+    for method, r in results.items():
+        t = r["time_to_target"]
+        r["time_to_target_vs_ddp"] = t / base if t and base else None
+        ratio = r["time_to_target_vs_ddp"]
+        over = r["link_over_hlo"]
+        print(f"{method:<10}{r['final_eval_loss']:>10.4f}"
+              f"{'-' if t is None else f'{t:.1f}s':>16}{'-' if ratio is None else f'{ratio:.2f}':>8}"
+              f"{r['wall_time']:>10.1f}s{r['median_step_time']:>10.3f}s"
+              f"{min(r['link_sent_bytes']) / 1e6:>14.1f}{'-' if over is None else f'{over:.2f}':>10}")
+    write_report({"link_mbit": args.link_mbit, "steps": args.steps, "target_eval_loss": target,
+                  "methods": results}, out)
+    if args.plot != "none":
+        from edit_jax.plot import load_runs, save_plot
+
+        runs = load_runs([r["run_dir"] for r in results.values()])
+        print(f"wrote {save_plot(runs, 'wall_time', args.plot)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
