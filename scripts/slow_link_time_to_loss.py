@@ -3,7 +3,7 @@ replica each, 4 fake CPU devices) in network namespaces joined by a shaped veth 
 
     python scripts/slow_link_time_to_loss.py [--link-mbit 100] [--steps 300] [--eval-every 20]
         [--methods ddp,local_sgd,diloco,edit,a_edit] [--target LOSS] [--runs-dir runs/slow_link]
-        [--sync-every 8] [--out results/slow_link.json]
+        [--sync-every 8] [--warmup-steps 30] [--model-mbit 10] [--out results/slow_link.json]
         [--plot results/slow_link_loss_vs_wall_time.png]
         [key=value ...]
 
@@ -14,7 +14,9 @@ replica bytes, which they must exceed. All methods train the same steps on the s
 step time. The target is the worst final validation loss of the methods (so all reach it)
 unless `--target` is given; the table gives each method's wall-clock time to it and the ratio to
 ddp's, measured in one invocation (the seconds are this machine's; the ratios are the result).
-Wall time counts each run's loop, evaluation included (the same schedule for every method),
+A second, MODELLED column (`--model-mbit`, labelled so) extrapolates to a slower link from the
+bytes each run really sent, assuming communication does not overlap compute. Wall time counts
+each run's loop, evaluation included (the same schedule for every method),
 compilation excluded: before its measured run, each method runs a short one (its warm-up, two
 sync periods and an evaluation) that fills JAX's persistent compilation cache, so no method pays
 for compiling more step kinds than another. Resumable by method: one recorded in `--out` with
@@ -81,6 +83,19 @@ def summary(run: dict) -> dict:
             "link_over_hlo": min(run["link_sent_bytes"]) / hlo if hlo else None}
 
 
+def modelled(rows: list[dict], target: float, result: dict, link_mbit: float,
+              model_mbit: float) -> float | None:
+    """MODELLED, not measured: the time to target had the link run at `model_mbit`, assuming
+    (as with gloo on CPU) that communication does not overlap compute. The bytes sent by the
+    target's row are its HLO replica bytes for this process's devices, scaled by what the link
+    really carried over the whole run per HLO byte (evaluation and protocol overhead)."""
+    row = next((r for r in rows if "eval_loss" in r and r["eval_loss"] <= target), None)
+    if row is None or not result["link_over_hlo"]:
+        return None
+    sent = row["replica_bytes"] * DEVICES_PER_PROCESS * result["link_over_hlo"]
+    return row["wall_time"] + sent * 8 / 1e6 * (1 / model_mbit - 1 / link_mbit)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--link-mbit", type=float, default=100.0)
@@ -91,6 +106,8 @@ def main() -> None:
                         help="synchronous steps before the local methods' first local step")
     parser.add_argument("--methods", default="ddp,local_sgd,diloco,edit,a_edit")
     parser.add_argument("--target", type=float, default=None)
+    parser.add_argument("--model-mbit", type=float, default=10.0,
+                        help="also give a modelled time to target on a link of this rate")
     parser.add_argument("--runs-dir", default="runs/slow_link")
     parser.add_argument("--out", default="results/slow_link.json")
     parser.add_argument("--plot", default="results/slow_link_loss_vs_wall_time.png")
@@ -129,22 +146,33 @@ def main() -> None:
 
     target = args.target or max(r["final_eval_loss"] for r in results.values())
     for method, result in results.items():
-        result["time_to_target"] = time_to(rows_of(Path(result["run_dir"])), target)
+        rows = rows_of(Path(result["run_dir"]))
+        result["time_to_target"] = time_to(rows, target)
+        result[f"modelled_time_to_target_at_{args.model_mbit:g}_mbit"] = modelled(
+            rows, target, result, args.link_mbit, args.model_mbit)
     base = results.get("ddp", {}).get("time_to_target")
+    modelled_key = f"modelled_time_to_target_at_{args.model_mbit:g}_mbit"
+    modelled_base = results.get("ddp", {}).get(modelled_key)
     print(f"\n2 processes over a {args.link_mbit:g} Mbit/s link, {args.steps} steps each; "
           f"target validation loss {target:.4f}")
     print(f"{'method':<10}{'final val':>10}{'time to target':>16}{'vs ddp':>8}{'wall time':>11}"
-          f"{'step time':>11}{'link MB sent':>14}{'link/HLO':>10}")
+          f"{'step time':>11}{'link MB sent':>14}{'link/HLO':>10}"
+          f"{f'modelled at {args.model_mbit:g} Mbit/s':>26}")
     for method, r in results.items():
         t = r["time_to_target"]
         r["time_to_target_vs_ddp"] = t / base if t and base else None
         ratio = r["time_to_target_vs_ddp"]
         over = r["link_over_hlo"]
+        m = r[modelled_key]
+        r["modelled_vs_ddp"] = m / modelled_base if m and modelled_base else None
+        m_text = "-" if m is None else f"{m:.1f}s ({r['modelled_vs_ddp']:.2f})"
         print(f"{method:<10}{r['final_eval_loss']:>10.4f}"
               f"{'-' if t is None else f'{t:.1f}s':>16}{'-' if ratio is None else f'{ratio:.2f}':>8}"
               f"{r['wall_time']:>10.1f}s{r['median_step_time']:>10.3f}s"
-              f"{min(r['link_sent_bytes']) / 1e6:>14.1f}{'-' if over is None else f'{over:.2f}':>10}")
-    write_report({"link_mbit": args.link_mbit, "steps": args.steps, "target_eval_loss": target,
+              f"{min(r['link_sent_bytes']) / 1e6:>14.1f}{'-' if over is None else f'{over:.2f}':>10}"
+              f"{m_text:>26}")
+    write_report({"link_mbit": args.link_mbit, "model_mbit": args.model_mbit, "steps": args.steps,
+                  "target_eval_loss": target,
                   "methods": results}, out)
     if args.plot != "none":
         from edit_jax.plot import load_runs, save_plot
