@@ -15,7 +15,8 @@ from edit_jax.launch import train_commands
 from runs import EDIT, SMALL, read_rows, train
 
 A_EDIT = ["method.name=a_edit", *EDIT[1:], "method.sync_interval_seconds=1.0",
-          "method.step_weighting=0.5"]
+          "method.step_weighting=0.5", "method.outer_momentum=0.9"]  # what the thresholds were
+# measured with
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 

@@ -13,7 +13,7 @@ from edit_jax.mesh import make_mesh
 from edit_jax.methods import StepKind
 from edit_jax.model import abstract_model, init_model, loss_fn
 from edit_jax.optimizer import decay_mask, inner_optimizer, lr_schedule
-from edit_jax.sharding import is_sharded, shard_dims
+from edit_jax.sharding import BATCH_SPEC, is_sharded, shard_dims
 from edit_jax.step import init_state, make_eval_step, make_layout, make_train_step
 
 MODEL = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=64)
@@ -101,13 +101,18 @@ def test_without_replica_reduction_each_replica_trains_on_its_own_rows():
 
 
 def test_eval_step_scores_the_replica_average():
+    """The mean loss over the evaluation's batches of the replica-averaged model: replicas
+    moved by +d and -d score as the initial model."""
     graphdef, params = init_model(MODEL, VOCAB, 0)
-    tokens = _batches(16)[0]
+    tokens = np.stack(_batches(16)[:2])
     mesh = make_mesh(MeshConfig(2, 4))
     _, shapes = abstract_model(MODEL, VOCAB)
     tx = inner_optimizer(OPT, TOTAL, is_sharded(shard_dims(shapes, 4)))
     layout = make_layout(mesh, shapes, tx)
     state = init_state(layout, lambda: init_model(MODEL, VOCAB, 0)[1], tx)
-    loss = make_eval_step(graphdef, layout)(state["params"],
-                                            jax.device_put(tokens, layout.batch_sharding))
-    np.testing.assert_allclose(loss, loss_fn(graphdef, params, jnp.asarray(tokens))[0], atol=1e-5)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *BATCH_SPEC))
+    apart = jax.tree.map(lambda x: x + 0.05 * jnp.array([1.0, -1.0]).reshape(
+        (2,) + (1,) * (x.ndim - 1)), state["params"])
+    loss = make_eval_step(graphdef, layout)(apart, jax.device_put(tokens, sharding))
+    expected = np.mean([loss_fn(graphdef, params, jnp.asarray(batch))[0] for batch in tokens])
+    np.testing.assert_allclose(loss, expected, atol=1e-5)
