@@ -35,9 +35,7 @@ class MetricsLog:
         if self.enabled and path.exists():
             self.kept = [row for row in read_rows(path, warn)  # all dropped on a fresh start
                          if resume_step and row.get("step", 0) <= resume_step]
-            partial = path.with_name(path.name + ".tmp")
-            partial.write_text("".join(json.dumps(row) + "\n" for row in self.kept))
-            os.replace(partial, path)
+            write_atomically(path, "".join(json.dumps(row) + "\n" for row in self.kept))
         self.tensorboard = None
         if self.enabled and tensorboard:
             from tensorboardX import SummaryWriter
@@ -65,6 +63,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a crash leaves the old file or the new one,
+    never a part of either."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def read_rows(path: Path, warn: Callable[[str], None]) -> list[dict]:

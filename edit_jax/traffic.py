@@ -34,9 +34,10 @@ class ReplicaTraffic:
                 summarize(collective_stats(compiled, self.program.layout.mesh)))
         return self.per_kind[kind]
 
-    def add(self, kind: StepKind, count: int = 1) -> None:
+    def add(self, kind: StepKind) -> None:
+        """Count one step of `kind`."""
         for key, value in self.figures(kind).items():
-            self.total[key] += value * count
+            self.total[key] += value
 
     def resume(self, rows: list[dict], step: int) -> None:
         """Continue from the newest row at or before `step` that has the totals, adding the

@@ -12,7 +12,6 @@ a lost process stops the others (peers.py).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -31,7 +30,7 @@ from edit_jax.config import Config, to_dict
 from edit_jax.elastic import restore
 from edit_jax.errors import UserError
 from edit_jax.methods import StepKind
-from edit_jax.metrics import MetricsLog
+from edit_jax.metrics import MetricsLog, write_atomically
 from edit_jax.optimizer import lr_schedule
 from edit_jax.peers import Watchdog, barrier, collective_errors
 from edit_jax.program import Program, build_program
@@ -118,8 +117,8 @@ def train(cfg: Config) -> dict:
         log(f"resumed from step {start} in {run_dir}")
     else:
         state = program.init_state()
-    if jax.process_index() == 0:
-        _write_config(run_dir / "config.json", cfg)
+    if jax.process_index() == 0:  # the resolved config, for `edit-jax plot` and other readers
+        write_atomically(run_dir / "config.json", json.dumps(to_dict(cfg), indent=1) + "\n")
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", start, enabled=jax.process_index() == 0,
                          tensorboard=cfg.run.tensorboard, warn=warn)
@@ -127,14 +126,6 @@ def train(cfg: Config) -> dict:
     metrics.close()
     ckpt.close()
     return summary
-
-
-def _write_config(path: Path, cfg: Config) -> None:
-    """The run's resolved config as JSON, for `edit-jax plot` and other readers (written
-    through a temporary file, so it is always whole)."""
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
-    os.replace(partial, path)
 
 
 def _resume(ckpt: Checkpointer, program: Program, iterator) -> tuple[int, TrainState | None]:

@@ -19,14 +19,13 @@ in one invocation (the seconds are this machine's; the ratio is the result).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchlib import time_to, write_report
+from benchlib import run_rows, time_to, write_report
 
 
 def run(method: str, run_dir: Path, args, extra: list[str]) -> list[dict]:
@@ -39,7 +38,7 @@ def run(method: str, run_dir: Path, args, extra: list[str]) -> list[dict]:
     print(" ".join(command[2:]), file=sys.stderr, flush=True)
     subprocess.run(command, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
                    stdout=subprocess.DEVNULL)
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run_rows(run_dir)
 
 
 def summary(rows: list[dict]) -> dict:

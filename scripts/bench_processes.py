@@ -15,14 +15,13 @@ of each arm, and the ratio; on one machine only the ratio means something.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 import portpicker
-from benchlib import write_report
+from benchlib import run_rows, write_report
 
 from edit_jax.launch import run_processes, train_commands
 
@@ -45,8 +44,7 @@ def run(arm: str, run_dir: Path, args) -> list[float]:
     print(f"{arm}: {' '.join(train_args)}", file=sys.stderr, flush=True)
     if run_processes(commands):
         raise SystemExit(f"the {arm} run failed")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["step_time"] for r in rows if "step_time" in r][1:]
+    return [r["step_time"] for r in run_rows(run_dir) if "step_time" in r][1:]
 
 
 def main() -> None:

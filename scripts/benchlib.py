@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: timing a compiled step and writing the results file."""
+"""What the benchmark scripts share: timing a compiled step, reading a run's metrics rows and
+writing the results file."""
 
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ def write_report(report: dict, path: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
+
+
+def run_rows(run_dir: str | Path) -> list[dict]:
+    """The rows of a run's `metrics.jsonl` (edit_jax.metrics.read_rows: a torn last line is
+    dropped with a warning)."""
+    from edit_jax.metrics import read_rows
+
+    return read_rows(Path(run_dir) / "metrics.jsonl", warn=lambda m: print(m, file=sys.stderr))
 
 
 def time_to(rows: list[dict], target: float) -> float | None:

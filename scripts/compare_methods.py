@@ -23,7 +23,7 @@ import itertools
 import json
 from pathlib import Path
 
-from benchlib import write_report
+from benchlib import run_rows, write_report
 
 BASELINE = "ddp"
 
@@ -56,7 +56,7 @@ def kept(recorded: dict[str, dict], rows: list[dict]) -> list[dict]:
 def final_row(run_dir: Path) -> dict:
     """The last train row's cumulative replica bytes and the last evaluation, from a run's
     metrics file."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = run_rows(run_dir)
     evals = [r for r in rows if "eval_loss" in r]
     trained = [r for r in rows if "loss" in r]
     return {"final_eval_loss": evals[-1]["eval_loss"], "tokens": trained[-1]["tokens"],

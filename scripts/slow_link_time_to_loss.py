@@ -34,16 +34,12 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchlib import time_to, write_report
+from benchlib import run_rows, time_to, write_report
 
 from edit_jax.launch import LINK_PORT, run_processes, train_commands
 from edit_jax.slow_link import SlowLink
 
 DEVICES_PER_PROCESS = 4
-
-
-def rows_of(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def launch(link: SlowLink, settings: list[str], run_dir: Path) -> None:
@@ -65,7 +61,7 @@ def train_once(link: SlowLink, settings: list[str], run_dir: Path, warmup_steps:
     shutil.rmtree(run_dir, ignore_errors=True)  # measured in one go, or the link bytes are not its
     before = [link.sent_bytes(i) for i in range(2)]
     launch(link, settings, run_dir)
-    return {"rows": rows_of(run_dir),
+    return {"rows": run_rows(run_dir),
             "link_sent_bytes": [link.sent_bytes(i) - before[i] for i in range(2)]}
 
 
@@ -146,7 +142,7 @@ def main() -> None:
 
     target = args.target or max(r["final_eval_loss"] for r in results.values())
     for method, result in results.items():
-        rows = rows_of(Path(result["run_dir"]))
+        rows = run_rows(result["run_dir"])
         result["time_to_target"] = time_to(rows, target)
         result[f"modelled_time_to_target_at_{args.model_mbit:g}_mbit"] = modelled(
             rows, target, result, args.link_mbit, args.model_mbit)
