@@ -24,14 +24,11 @@ import jax
 import numpy as np
 
 from edit_jax.errors import UserError
-from edit_jax.methods import StepKind
+from edit_jax.methods import LOCAL_PLAN
 from edit_jax.mesh import AXES
 from edit_jax.program import Program
 from edit_jax.step import Layout, TrainState, make_layout, make_train_step
 from edit_jax.stragglers import Straggler
-
-LOCAL_KEYS = ("params", "opt_state", "replica_steps")  # the replica-varying part of the state
-
 
 def local_replica_indices(mesh: jax.sharding.Mesh) -> list[int]:
     """The replicas (rows of the mesh) whose devices all belong to this process.
@@ -65,17 +62,17 @@ class LocalReplicas:
         state = self.layout.abstract_state(program.params_shapes, program.tx, None)
         # Compiled now, so that compilation does not eat into the first interval.
         self.step = make_train_step(program.graphdef, program.tx, self.layout,
-                                    StepKind.LOCAL).lower(state, batch).compile()
+                                    LOCAL_PLAN).lower(state, batch).compile()
 
     def split(self, state: TrainState) -> TrainState:
         """The local replicas' params, optimizer state and step counts, on the local mesh."""
-        return jax.tree.map(self._relabel, {k: state[k] for k in LOCAL_KEYS},
-                            self.layout.state_shardings)
+        return jax.tree.map(self._relabel, state.replica_varying(), self.layout.state_shardings)
 
     def join(self, local: TrainState, state: TrainState) -> TrainState:
         """`state` with the local replicas' part replaced by `local` (on the global mesh)."""
-        shardings = {k: self.global_layout.state_shardings[k] for k in LOCAL_KEYS}
-        return {**state, **jax.tree.map(self._relabel, local, shardings)}
+        joined = jax.tree.map(self._relabel, local,
+                              self.global_layout.state_shardings.replica_varying())
+        return joined._replace(outer=state.outer)
 
     def batch(self, rows: np.ndarray) -> jax.Array:
         """This process's rows of a global batch, laid out over the local mesh."""

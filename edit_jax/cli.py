@@ -57,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--config", help="YAML file or a bundled config name")
     launch.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, passed to every process")
+    schedule = commands.add_parser(
+        "schedule", help="DreamDDP's layer-wise sync schedule and its predicted iteration time",
+        description="Build DreamDDP's schedule for the configured model, mesh and link "
+                    "(method.link_gbps, method.link_latency_ms) from per-layer backward times "
+                    "measured on these devices (or method.layer_profile, a JSON profile), and "
+                    "print it with the predicted time per iteration next to full-model local "
+                    "SGD and PLSGD over a period of method.sync_every iterations.")
+    schedule.add_argument("--config", help="YAML file or a bundled config name")
+    schedule.add_argument("--json", action="store_true", help="print one JSON object")
+    schedule.add_argument("overrides", nargs="*", metavar="key=value",
+                          help="dotted config overrides, e.g. method.link_gbps=0.1")
     plot = commands.add_parser(
         "plot", help="loss curves of several runs in one PNG",
         description="Plot the train and validation loss of each run directory in one PNG "
@@ -107,6 +118,38 @@ def _inspect(args: argparse.Namespace) -> None:
     print(json.dumps(report) if args.json else format_report(report))
 
 
+def _schedule(args: argparse.Namespace) -> None:
+    from edit_jax.config import load_config
+    from edit_jax.mesh import distributed_args_from_env, start_jax
+
+    cfg = load_config(args.config, args.overrides)
+    start_jax(cfg.mesh, distributed_args_from_env())
+    import jax
+
+    from edit_jax.layer_profile import run_profile, saved_profile_path
+    from edit_jax.mesh import make_mesh
+    from edit_jax.model import abstract_model
+    from edit_jax.schedule import format_schedule_report, schedule_report
+    from edit_jax.tokenizer import load_tokenizer
+
+    vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).vocab_size
+    mesh = make_mesh(cfg.mesh)
+    profile = run_profile(cfg, vocab_size, abstract_model(cfg.model, vocab_size)[1],
+                          mesh.shape["replica"], mesh.shape["shard"])
+    path = saved_profile_path(cfg)
+    source = str(path) if path else f"measured on {jax.devices()[0].device_kind}"
+    report = {**schedule_report(profile, cfg.method.sync_every), "profile": source,
+              "mesh": dict(mesh.shape), "link_gbps": cfg.method.link_gbps,
+              "link_latency_ms": cfg.method.link_latency_ms}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"mesh {mesh.shape['replica']} x {mesh.shape['shard']}, link "
+              f"{cfg.method.link_gbps:g} Gbit/s + {cfg.method.link_latency_ms:g} ms, compute "
+              f"{source}")
+        print(format_schedule_report(report))
+
+
 def _launch(args: argparse.Namespace) -> int:
     from edit_jax.config import load_config
     from edit_jax.launch import devices_per_process, launch
@@ -117,7 +160,8 @@ def _launch(args: argparse.Namespace) -> int:
     return launch([*config, *args.overrides], args.processes, devices, args.link_mbit)
 
 
-COMMANDS = {"train": _train, "inspect": _inspect, "launch": _launch, "plot": _plot}
+COMMANDS = {"train": _train, "inspect": _inspect, "schedule": _schedule, "launch": _launch,
+            "plot": _plot}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,9 @@ from edit_jax.errors import UserError
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
-METHODS = ("ddp", "local_sgd", "post_local_sgd", "diloco", "edit", "a_edit")
+METHODS = ("ddp", "local_sgd", "post_local_sgd", "plsgd", "dreamddp", "diloco", "edit", "a_edit")
+FRAGMENT_METHODS = ("diloco", "edit")  # the methods with streaming fragments
+FRAGMENT_LAYOUTS = ("strided", "sequential")
 PENALTY_METHODS = ("edit", "a_edit")  # the layer-wise sync with the pseudo-gradient penalty
 NORM_GRANULARITIES = ("global", "layer")
 DATA_SOURCES = ("bundled", "files", "tfds")
@@ -98,10 +100,11 @@ class MethodConfig:
     steps; a_edit instead syncs when `sync_interval_seconds` of local steps have passed on each
     replica's own clock. The outer optimizer (SGD with Nesterov momentum) and the
     shard-over-replica option apply to diloco, edit and a_edit; the pseudo-gradient penalty
-    (anomaly, weighting, clip, step weighting) to edit and a_edit.
+    (anomaly, weighting, clip, step weighting) to edit and a_edit; streaming fragments to diloco
+    and edit; the link and the layer profile to dreamddp's schedule.
     """
 
-    name: str = "edit"  # ddp | local_sgd | post_local_sgd | diloco | edit | a_edit
+    name: str = "edit"  # ddp | local_sgd | post_local_sgd | plsgd | dreamddp | diloco | edit | a_edit
     sync_every: int = 8  # tau: local steps between syncs
     sync_interval_seconds: float = 2.0  # a_edit: local-step time between syncs, per replica
     warmup_steps: int = 30  # synchronous steps before the first local step
@@ -118,6 +121,13 @@ class MethodConfig:
     norm_granularity: str = "global"  # global: one norm per replica; layer: per synced unit
     step_weighting: float = 0.0  # rho: weights (1 - rho) * norm weights + rho * step shares
     shard_outer_over_replica: bool = False  # outer state 2P/(R*S) per device instead of 2P/S
+    fragments: int = 1  # P: streaming fragments of the layers (diloco, edit); 1 = whole model
+    fragment_layout: str = "strided"  # strided: layers p, p+P, ...; sequential: contiguous
+    fragment_delay: int = 0  # tau_o: steps between a fragment's sync and its apply
+    fragment_alpha: float = 0.0  # the replica continues from a*theta_local + (1-a)*phi_new
+    link_gbps: float = 1.0  # dreamddp: the slow link between replicas, for communication times
+    link_latency_ms: float = 10.0
+    layer_profile: str = ""  # dreamddp: JSON of per-layer times; "" = measure on these devices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,6 +295,25 @@ def validate(c: Config) -> None:
                   and k.norm_granularity == "global"), "method.norm_granularity",
              "method.shard_outer_over_replica needs norm_granularity=layer (global norms would "
              "exchange every parameter a second time); set method.norm_granularity=layer")
+    _require(k.fragments >= 1, "method.fragments", "must be >= 1 (1 = the whole model)")
+    streaming = k.fragments > 1 or k.fragment_delay > 0 or k.fragment_alpha > 0
+    _require(not streaming or k.name in FRAGMENT_METHODS, "method.fragments",
+             f"streaming fragments (fragments, fragment_delay, fragment_alpha) apply to "
+             f"{' and '.join(FRAGMENT_METHODS)}, not {k.name}")
+    _require(m.n_layers % k.fragments == 0, "method.fragments",
+             f"{k.fragments} fragments cannot split model.n_layers={m.n_layers} evenly; use a "
+             f"divisor of {m.n_layers}")
+    _require(k.sync_every % k.fragments == 0, "method.fragments",
+             f"{k.fragments} fragments cannot stagger over method.sync_every={k.sync_every} "
+             f"steps; use a sync_every divisible by {k.fragments}")
+    _require(k.fragment_layout in FRAGMENT_LAYOUTS, "method.fragment_layout",
+             f"'{k.fragment_layout}' is not one of {FRAGMENT_LAYOUTS}")
+    _require(0 <= k.fragment_delay <= k.sync_every, "method.fragment_delay",
+             f"must be in [0, method.sync_every={k.sync_every}] (a fragment's outer step must "
+             "land before its next sync)")
+    _require(0.0 <= k.fragment_alpha <= 1.0, "method.fragment_alpha", "must be in [0, 1]")
+    _require(k.link_gbps > 0, "method.link_gbps", "must be positive")
+    _require(k.link_latency_ms >= 0, "method.link_latency_ms", "must be >= 0")
     for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
                 "keep_checkpoints", "barrier_timeout_seconds"):
         _require(getattr(r, key) > 0, f"run.{key}", "must be positive")

@@ -42,7 +42,7 @@ def restore(ckpt: Checkpointer, step: int, program: Program, iterator, log=print
     saved = ckpt.saved_state_shapes(step, like=target)
     if all(s.shape == t.shape for s, t in zip(jax.tree.leaves(saved), jax.tree.leaves(target))):
         return ckpt.restore(step, target, data_iterator=iterator)[0]
-    saved_replicas = jax.tree.leaves(saved["params"])[0].shape[0]
+    saved_replicas = jax.tree.leaves(saved.params)[0].shape[0]
     # phi <- theta happens as step `warmup_steps` begins: a checkpoint of that very step still
     # holds the initial phi, and its replicas are equal, so it restarts from replica 0.
     from_phi = program.outer is not None and step > program.method.warmup_steps
@@ -66,16 +66,18 @@ def restore(ckpt: Checkpointer, step: int, program: Program, iterator, log=print
                 return jnp.broadcast_to(x[0], t.shape)
             return jnp.zeros(t.shape, t.dtype)  # per-replica statistics
 
-        steps = jnp.max(state["replica_steps"])  # the checkpoint's step, also for a_edit
+        steps = jnp.max(state.replica_steps)  # the checkpoint's step, also for a_edit
         state = jax.tree.map(leaf, state, target)
         # The statistics start afresh, their sync count too: with the old count past the
         # anomaly warm-up, the zeroed means and variances would flag every replica for good.
         state = jax.tree.map(lambda x: jax.tree.map(jnp.zeros_like, x) if isinstance(
             x, AnomalyStats) else x, state, is_leaf=lambda x: isinstance(x, AnomalyStats))
-        state["replica_steps"] = jnp.full_like(state["replica_steps"], steps)
+        state = state._replace(replica_steps=jnp.full_like(state.replica_steps, steps))
         if from_phi:
-            state["params"] = stack_replicas(state["outer"]["phi"], layout.num_replicas)
-            state["outer"]["synced_steps"] = state["replica_steps"]
+            outer = state.outer
+            synced = jnp.full_like(outer.synced_steps, steps)  # every fragment, every replica
+            state = state._replace(params=stack_replicas(outer.phi, layout.num_replicas),
+                                   outer=outer._replace(synced_steps=synced))
         return state
 
     return jax.jit(convert, out_shardings=layout.state_shardings)(restored)

@@ -392,6 +392,38 @@ def collective_stats_from_text(text: str, mesh: jax.sharding.Mesh) -> list[Colle
     return rows
 
 
+def upstream_opcodes(text: str, name: str) -> set[str]:
+    """The opcodes of everything instruction `name` depends on: its operands within its
+    computation, transitively, and every instruction of the computations those call (fusion
+    and loop bodies). No 'while' or 'dot' among them means no data dependency ties the
+    instruction to the model's layer scans or matmuls, so a latency-hiding scheduler may
+    overlap it with them."""
+    _, comps, _ = _parse_module(text)
+    home = next(instrs for instrs in comps.values() if any(i.name == name for i in instrs))
+    by_name = {i.name: i for i in home}
+    seen, todo, opcodes, walked = set(), list(by_name[name].operands), set(), set()
+
+    def called(instr: _Instr) -> None:
+        for _, callee in _callees(instr):
+            if callee in walked:
+                continue
+            walked.add(callee)
+            for inner in comps.get(callee, []):
+                opcodes.add(inner.opcode)
+                called(inner)
+
+    while todo:
+        operand = todo.pop()
+        if operand in seen or operand not in by_name:
+            continue
+        seen.add(operand)
+        instr = by_name[operand]
+        opcodes.add(instr.opcode)
+        called(instr)
+        todo.extend(instr.operands)
+    return opcodes
+
+
 def _zero() -> dict:
     return {"bytes": 0, "wire_bytes": 0, "ops": 0, "executions": 0}
 

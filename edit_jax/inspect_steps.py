@@ -1,9 +1,10 @@
 """What the compiled train steps of a run move and hold, per device (`edit-jax inspect`).
 
-`inspect_program` compiles each step kind the method runs from abstract values (no arrays are
-allocated) and reports, from the optimized HLO (inspect_hlo.py), bytes per mesh axis and op kind,
-memory, the outer state's size per device, and the replica bytes per step averaged over a sync
-period.
+`inspect_program` compiles each step plan the method runs (which units sync in the step, which
+delayed outer steps land) from abstract values (no arrays are allocated) and reports, from the
+optimized HLO (inspect_hlo.py), bytes per mesh axis and op kind, memory, the outer state's size
+per device, and the replica bytes per step over a sync period: their mean and their peak
+(streaming fragments lower the peak, not the mean).
 """
 
 from __future__ import annotations
@@ -16,35 +17,35 @@ import jax.numpy as jnp
 
 from edit_jax.inspect_hlo import (collective_stats, format_table, human_bytes, memory_stats,
                                   summarize)
-from edit_jax.methods import Method, StepKind
+from edit_jax.methods import Method, StepPlan
 from edit_jax.program import Program
 
 
-def sync_period(method: Method) -> list[StepKind]:
-    """The step kinds of one steady-state sync period (tau steps after the first sync)."""
+def sync_period(method: Method) -> list[StepPlan]:
+    """The step plans of one steady-state sync period (tau steps after the first sync)."""
     start = method.warmup_steps + method.sync_every
-    return [method.kind(step) for step in range(start, start + method.sync_every)]
+    return [method.plan(step) for step in range(start, start + method.sync_every)]
 
 
-def step_kinds(method: Method) -> list[StepKind]:
-    """The step kinds `method` runs: those of its warm-up and of its sync periods."""
-    end = method.warmup_steps + 2 * method.sync_every
-    used = {method.kind(step) for step in range(end)}
-    return [kind for kind in StepKind if kind in used]
+def step_plans(method: Method) -> list[StepPlan]:
+    """The step plans `method` runs: those of its warm-up and of its sync periods, in order of
+    first use."""
+    end = method.warmup_steps + 2 * method.sync_every + method.fragment_delay
+    return list(dict.fromkeys(method.plan(step) for step in range(end)))
 
 
-def compile_step(program: Program, kind: StepKind) -> jax.stages.Compiled:
-    """Compile the train step of one kind from abstract values only (nothing is allocated; a
+def compile_step(program: Program, plan: StepPlan) -> jax.stages.Compiled:
+    """Compile the train step of one plan from abstract values only (nothing is allocated; a
     step already compiled for the same shapes comes from JAX's compilation cache)."""
     cfg = program.cfg
     batch = jax.ShapeDtypeStruct((cfg.data.global_batch_size, cfg.data.seq_len + 1), jnp.int32,
                                  sharding=program.layout.batch_sharding)
-    return program.train_steps[kind].lower(program.abstract_state(), batch).compile()
+    return program.train_step(plan).lower(program.abstract_state(), batch).compile()
 
 
-def compile_steps(program: Program) -> dict[StepKind, jax.stages.Compiled]:
-    """Compile the train step of every kind the method runs, from abstract values only."""
-    return {kind: compile_step(program, kind) for kind in step_kinds(program.method)}
+def compile_steps(program: Program) -> dict[StepPlan, jax.stages.Compiled]:
+    """Compile the train step of every plan the method runs, from abstract values only."""
+    return {plan: compile_step(program, plan) for plan in step_plans(program.method)}
 
 
 def bytes_per_device(tree) -> int:
@@ -61,22 +62,23 @@ def replica_traffic(summary: dict) -> dict[str, int]:
 
 
 def inspect_program(program: Program,
-                    compiled: dict[StepKind, jax.stages.Compiled] | None = None) -> dict:
+                    compiled: dict[StepPlan, jax.stages.Compiled] | None = None) -> dict:
     """Communication and memory per device of a run's train steps (`compile_steps` output, or
     compiled here), plus its parameter and outer-state sizes.
 
     'replica_bytes' of a step counts every collective whose groups span `replica`;
-    'replica_bytes_per_step' averages it over a sync period ((tau-1) LOCAL + SYNC) / tau
-    (every step for ddp).
+    'replica_bytes_per_step' averages it over the steps of a sync period (every step for ddp),
+    'replica_bytes_peak_per_step' is the largest of them.
     """
     compiled = compile_steps(program) if compiled is None else compiled
     mesh = program.layout.mesh
+    num_layers = program.method.num_layers
     steps = {}
-    for kind, step in compiled.items():
+    for plan, step in compiled.items():
         summary = summarize(collective_stats(step, mesh))
-        steps[kind.value] = {**replica_traffic(summary), "collectives": summary,
-                             "memory": memory_stats(step)}
-    period = sync_period(program.method)
+        steps[plan.name(num_layers)] = {**replica_traffic(summary), "collectives": summary,
+                                        "memory": memory_stats(step)}
+    period = [steps[plan.name(num_layers)] for plan in sync_period(program.method)]
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(program.params_shapes))
     return {
         "method": program.method.name,
@@ -85,11 +87,12 @@ def inspect_program(program: Program,
         "num_params": program.num_params,
         "param_bytes": param_bytes,
         "param_bytes_per_shard": param_bytes / mesh.shape["shard"],
-        "outer_state_bytes_per_device": bytes_per_device(program.abstract_state().get("outer")),
+        "outer_state_bytes_per_device": bytes_per_device(program.abstract_state().outer),
         "sync_every": program.method.sync_every,
         "timed_syncs": program.method.timed,  # a_edit: tau is nominal, syncs follow the clock
-        "replica_bytes_per_step": mean(steps[k.value]["replica_bytes"] for k in period),
-        "replica_wire_bytes_per_step": mean(steps[k.value]["replica_wire_bytes"] for k in period),
+        "replica_bytes_per_step": mean(step["replica_bytes"] for step in period),
+        "replica_bytes_peak_per_step": max(step["replica_bytes"] for step in period),
+        "replica_wire_bytes_per_step": mean(step["replica_wire_bytes"] for step in period),
         "steps": steps,
     }
 
@@ -107,10 +110,11 @@ def format_report(report: dict) -> str:
              ("parameter bytes / S", report["param_bytes_per_shard"]),
              ("outer state", report["outer_state_bytes_per_device"]),
              (per_step, report["replica_bytes_per_step"]),
+             ("  peak of one step", report["replica_bytes_peak_per_step"]),
              ("  ring wire bytes", report["replica_wire_bytes_per_step"])]
     width = max(len(name) for name, _ in sizes)
     lines = [header] + [f"  {name:<{width}}{round(value):>14,}{human_bytes(round(value)):>12}"
                         for name, value in sizes]
-    for kind, step in report["steps"].items():
-        lines += ["", format_table(step["collectives"], step["memory"], f"{kind} step")]
+    for name, step in report["steps"].items():
+        lines += ["", format_table(step["collectives"], step["memory"], f"{name} step")]
     return "\n".join(lines)

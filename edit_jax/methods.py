@@ -1,22 +1,33 @@
-"""One place that maps a method name to its sync rule and its schedule of step kinds.
+"""One place that maps a method to its schedule over synced units and its per-unit sync rule.
 
-Every method shares one inner step (step.py); they differ only in whether a step averages
-gradients over `replica` and in the sync rule run on sync steps:
+A *synced unit* is one decoder layer (0..L-1) or all non-layer parameters together (`REST_UNIT`).
+Every method shares one inner step (step.py); they differ in whether a step averages gradients
+over `replica`, in *which units sync at which step* (the schedule, a `StepPlan` per step) and in
+*what a unit's sync does* (the rule):
 
-  method          warm-up   sync rule (every `sync_every` local steps)
-  ddp             -         none: every step averages gradients over replicas
-  local_sgd       W >= 0    average: theta_r <- mean_r theta_r, after the inner step
-  post_local_sgd  W > 0     average (local SGD after a synchronous warm-up)
-  diloco          W >= 0    outer: phi <- OuterOpt(phi, mean_r(phi - theta_r)), theta_r <- phi,
-                            after the inner step, whole model at once
-  edit            W >= 0    layerwise: the outer step with the pseudo-gradient penalty, layer by
-                            layer inside the forward pass of the sync step
-  a_edit          W >= 0    layerwise, but timed: each replica runs local steps until
-                            `sync_interval_seconds` have passed on its own clock (a_edit.py)
+  method          warm-up   rule, per synced unit                          schedule of units
+  ddp             -         none: every step averages gradients            -
+  local_sgd       W >= 0    average theta_r after the inner step           all, every H steps
+  post_local_sgd  W > 0     the same after a synchronous warm-up           all, every H steps
+  plsgd           W >= 0    average the step's starting theta_r, while     in order, spread evenly
+                            the backward pass runs (no data dependency)    over a period of H
+  dreamddp        W >= 0    the same                                       DreamDDP's schedule over
+                                                                           measured layer times
+  diloco          W >= 0    outer step, after the inner step               fragments, every H steps
+  edit            W >= 0    outer step with the penalty, at the start of   fragments, every H steps
+                            the step (inside the layer scan for the whole
+                            model)
+  a_edit          W >= 0    as edit, whole model, when `sync_interval_seconds` have passed on
+                            each replica's own clock (a_edit.py)
 
-Steps 0..W-1 are DDP steps; phi <- theta when step W begins. The layer-wise sync at the start
-of step W + k*tau sees the same tau local steps as the after-step sync at the end of step
-W + k*tau - 1, so edit with the penalty off follows diloco's trajectory.
+Steps 0..W-1 are DDP steps; phi <- theta when step W begins. With `method.fragments` = P the
+layers form P fragments (fragments.py) and fragment p syncs at local step counts (p+1)H/P + kH, so
+1/P of the model is in flight per sync; P = 1 is the whole model every H steps. The sync at the
+start of step W + n sees the same n local steps as the after-step sync at the end of step
+W + n - 1, so edit with the penalty off follows diloco's trajectory. With `fragment_delay` d > 0
+a fragment's outer step is computed at the start of step W + n (from that step's input, so its
+collective overlaps the step's compute) and blended into the replica at the end of step
+W + n + d - 1.
 """
 
 from __future__ import annotations
@@ -25,23 +36,61 @@ import dataclasses
 import enum
 
 from edit_jax.config import MethodConfig
+from edit_jax.fragments import fragment_layers, fragment_due
+
+REST_UNIT = -1  # the unit of all non-layer parameters (embedding, final norm, head)
 
 
 class StepKind(enum.Enum):
     DDP = "ddp"  # gradients averaged over replicas
     LOCAL = "local"  # no collective over replicas
-    SYNC = "sync"  # a local step plus the method's sync rule
+    SYNC = "sync"  # a local step plus the method's sync rule on some units
 
 
 class SyncRule(enum.Enum):
     NONE = "none"
-    AVERAGE = "average"
-    OUTER = "outer"
-    LAYERWISE = "layerwise"
+    AVERAGE = "average"  # local SGD: after the inner step
+    PARTIAL = "partial"  # DreamDDP: the step's starting parameters, overlapping the backward
+    OUTER = "outer"  # DiLoCo
+    LAYERWISE = "layerwise"  # EDiT
 
 
 RULES = {"ddp": SyncRule.NONE, "local_sgd": SyncRule.AVERAGE, "post_local_sgd": SyncRule.AVERAGE,
-         "diloco": SyncRule.OUTER, "edit": SyncRule.LAYERWISE, "a_edit": SyncRule.LAYERWISE}
+         "plsgd": SyncRule.PARTIAL, "dreamddp": SyncRule.PARTIAL, "diloco": SyncRule.OUTER,
+         "edit": SyncRule.LAYERWISE, "a_edit": SyncRule.LAYERWISE}
+
+Units = frozenset  # of layer indices and REST_UNIT
+
+
+def unit_name(unit: int) -> str:
+    return "rest" if unit == REST_UNIT else f"layer {unit}"
+
+
+def _short(units: Units) -> str:
+    return ",".join(("rest" if u == REST_UNIT else f"L{u}")
+                    for u in sorted(units, key=lambda u: (u == REST_UNIT, u)))
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What one step does over `replica`: its kind, the units whose sync runs in it, and the
+    units whose delayed outer step is blended into the replica at its end."""
+
+    kind: StepKind
+    sync: Units = frozenset()
+    apply: Units = frozenset()
+
+    def name(self, num_layers: int) -> str:
+        """'ddp', 'local', 'sync' (every unit), or e.g. 'sync[L0,L2,rest]+apply[L1,L3]'."""
+        if self.kind is not StepKind.SYNC:
+            return self.kind.value
+        every = frozenset(range(num_layers)) | {REST_UNIT}
+        sync = "sync" if self.sync == every else f"sync[{_short(self.sync)}]" if self.sync else ""
+        apply = f"apply[{_short(self.apply)}]" if self.apply else ""
+        return "+".join(p for p in (sync, apply) if p)
+
+
+DDP_PLAN, LOCAL_PLAN = StepPlan(StepKind.DDP), StepPlan(StepKind.LOCAL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +99,29 @@ class Method:
     rule: SyncRule
     warmup_steps: int
     sync_every: int
+    num_layers: int
+    fragments: tuple[Units, ...]  # outer methods: the units of each fragment
+    fragment_delay: int = 0
+    period: tuple[Units, ...] = ()  # plsgd / dreamddp: the units each step of a period averages
 
     @classmethod
-    def from_config(cls, cfg: MethodConfig) -> Method:
-        return cls(cfg.name, RULES[cfg.name], cfg.warmup_steps, cfg.sync_every)
+    def from_config(cls, cfg: MethodConfig, num_layers: int,
+                    period: tuple[Units, ...] = ()) -> Method:
+        """`period`: the partial methods' schedule (schedule.py), one set of units per step."""
+        layers = fragment_layers(num_layers, cfg.fragments, cfg.fragment_layout)
+        fragments = tuple(frozenset(f) | ({REST_UNIT} if p == len(layers) - 1 else frozenset())
+                          for p, f in enumerate(layers))
+        return cls(cfg.name, RULES[cfg.name], cfg.warmup_steps, cfg.sync_every, num_layers,
+                   fragments, cfg.fragment_delay, period)
+
+    @property
+    def units(self) -> Units:
+        return frozenset(range(self.num_layers)) | {REST_UNIT}
+
+    @property
+    def full_sync(self) -> StepPlan:
+        """A step that syncs every unit (a_edit's sync step)."""
+        return StepPlan(StepKind.SYNC, self.units)
 
     @property
     def timed(self) -> bool:
@@ -65,17 +133,35 @@ class Method:
         """Whether the train state carries phi and the outer optimizer state."""
         return self.rule in (SyncRule.OUTER, SyncRule.LAYERWISE)
 
-    def kind(self, step: int) -> StepKind:
-        """The kind of step `step` (0-based: the number of steps already taken); for a timed
-        method, the kind it would have if every replica ran `sync_every` steps per interval."""
+    @property
+    def sends_at_start(self) -> bool:
+        """Whether outer syncs run at the start of their step (from its input parameters):
+        edit's always, diloco's when delayed; otherwise after the inner step."""
+        return self.rule is SyncRule.LAYERWISE or self.fragment_delay > 0
+
+    def _due(self, sync_point: int) -> Units:
+        """The fragment whose sync is due after `sync_point` local steps (empty if none)."""
+        p = fragment_due(sync_point, self.sync_every, len(self.fragments))
+        return frozenset() if p is None else self.fragments[p]
+
+    def plan(self, step: int) -> StepPlan:
+        """What step `step` (0-based: the number of steps already taken) does; for a timed
+        method, what it would do if every replica ran `sync_every` steps per interval."""
         if self.rule is SyncRule.NONE or step < self.warmup_steps:
-            return StepKind.DDP
+            return DDP_PLAN
         local_index = step - self.warmup_steps
-        if self.rule is SyncRule.LAYERWISE:  # syncs at the start of the step
-            due = local_index > 0 and local_index % self.sync_every == 0
-        else:  # syncs at the end of the step
-            due = (local_index + 1) % self.sync_every == 0
-        return StepKind.SYNC if due else StepKind.LOCAL
+        if self.rule is SyncRule.PARTIAL:
+            sync, apply = self.period[local_index % len(self.period)], frozenset()
+        elif self.sends_at_start:
+            sync = self._due(local_index)
+            apply = (self._due(local_index - self.fragment_delay + 1) if self.fragment_delay
+                     else frozenset())
+        else:
+            sync, apply = self._due(local_index + 1), frozenset()
+        return StepPlan(StepKind.SYNC, sync, apply) if sync or apply else LOCAL_PLAN
+
+    def kind(self, step: int) -> StepKind:
+        return self.plan(step).kind
 
     def begins_local_phase(self, step: int) -> bool:
         """Whether phi <- theta happens before step `step`."""

@@ -44,6 +44,10 @@ def describe(config: dict) -> str:
         parts.append(f"warmup={method['warmup_steps']}")
     if method["name"] in OUTER_METHODS:
         parts.append(f"outer lr={method['outer_lr']} mom={method['outer_momentum']}")
+    if method.get("fragments", 1) > 1:  # streaming; configs older than fragments lack the key
+        parts.append(f"P={method['fragments']}")
+        if method["fragment_delay"]:
+            parts.append(f"delay={method['fragment_delay']} alpha={method['fragment_alpha']}")
     return " ".join(parts)
 
 

@@ -1,8 +1,8 @@
 """Everything the compiled programs of a run need, built once from its config.
 
 `edit-jax train`, `edit-jax inspect` and the benchmarks all start here, so they compile exactly
-the same steps: the mesh, the parameter layout, the inner optimizer, the method's schedule and
-outer optimizer, and the step functions of each kind.
+the same steps: the mesh, the parameter layout, the inner optimizer, the method's schedule (for
+dreamddp, from its layer profile) and outer optimizer, and the step function of each plan.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import optax
 
 from edit_jax.config import PENALTY_METHODS, Config
 from edit_jax.errors import UserError
+from edit_jax.layer_profile import run_profile, unit_schedule
 from edit_jax.mesh import make_mesh
-from edit_jax.methods import Method, StepKind
+from edit_jax.methods import RULES, Method, StepKind, StepPlan, SyncRule
 from edit_jax.model import Params, abstract_model, count_params, init_model
 from edit_jax.optimizer import inner_optimizer
+from edit_jax.schedule import UnitProfile
 from edit_jax.sharding import is_sharded, replica_split_dims, shard_dims
 from edit_jax.step import (Layout, TrainState, init_state, make_begin_local_phase, make_eval_step,
                            make_layout, make_train_step)
@@ -35,16 +37,22 @@ class Program:
     method: Method
     outer: OuterSync | None
     layout: Layout
+    profile: UnitProfile | None = None  # dreamddp: the per-unit times its schedule was built on
 
     @property
     def num_params(self) -> int:
         return count_params(self.params_shapes)
 
     def describe(self) -> str:
-        mesh = self.layout.mesh
-        return (f"model: {self.num_params:,} parameters; mesh: {mesh.shape['replica']} replicas x "
+        mesh, method = self.layout.mesh, self.method
+        text = (f"model: {self.num_params:,} parameters; mesh: {mesh.shape['replica']} replicas x "
                 f"{mesh.shape['shard']} shards on {jax.device_count()} "
-                f"{jax.devices()[0].platform} devices; method: {self.method.name}")
+                f"{jax.devices()[0].platform} devices; method: {method.name}")
+        if method.period:  # plsgd, dreamddp: what each step of a period averages
+            text += "; period: " + " | ".join(
+                StepPlan(StepKind.SYNC, units).name(method.num_layers) if units else "-"
+                for units in method.period)
+        return text
 
     def init_state(self) -> TrainState:
         return init_state(self.layout,
@@ -55,10 +63,15 @@ class Program:
         return self.layout.abstract_state(self.params_shapes, self.tx, self.outer)
 
     @functools.cached_property
-    def train_steps(self) -> dict:
-        """The jitted step of each kind (each compiles on first use)."""
-        return {kind: make_train_step(self.graphdef, self.tx, self.layout, kind, self.method.rule,
-                                      self.outer) for kind in StepKind}
+    def _train_steps(self) -> dict:
+        return {}
+
+    def train_step(self, plan: StepPlan):
+        """The jitted step of this plan (built once, compiled on first use)."""
+        if plan not in self._train_steps:
+            self._train_steps[plan] = make_train_step(self.graphdef, self.tx, self.layout, plan,
+                                                      self.method, self.outer)
+        return self._train_steps[plan]
 
     @functools.cached_property
     def eval_step(self):
@@ -69,17 +82,16 @@ class Program:
         """jit: phi <- theta before the first local step (None for methods without phi)."""
         return None if self.outer is None else make_begin_local_phase(self.layout, self.outer)
 
-
     def step(self, state: TrainState, step: int, batch: jax.Array):
         """Run training step `step` (0-based) as the method's schedule says.
 
-        Returns (state, metrics, kind); phi <- theta first if the local phase begins here.
+        Returns (state, metrics, plan); phi <- theta first if the local phase begins here.
         """
         if self.begin_local_phase is not None and self.method.begins_local_phase(step):
             state = self.begin_local_phase(state)
-        kind = self.method.kind(step)
-        state, metrics = self.train_steps[kind](state, batch)
-        return state, metrics, kind
+        plan = self.method.plan(step)
+        state, metrics = self.train_step(plan)(state, batch)
+        return state, metrics, plan
 
 
 def build_program(cfg: Config, vocab_size: int, devices=None) -> Program:
@@ -93,13 +105,18 @@ def build_program(cfg: Config, vocab_size: int, devices=None) -> Program:
     graphdef, params_shapes = abstract_model(cfg.model, vocab_size)
     sharded_mask = is_sharded(shard_dims(params_shapes, shards))
     tx = inner_optimizer(cfg.optimizer, cfg.run.steps, sharded_mask)
-    method = Method.from_config(cfg.method)
+    profile, period = None, ()
+    if cfg.method.name == "dreamddp":
+        profile = run_profile(cfg, vocab_size, params_shapes, replicas, shards)
+    if RULES[cfg.method.name] is SyncRule.PARTIAL:
+        period = unit_schedule(cfg, profile)
+    method = Method.from_config(cfg.method, cfg.model.n_layers, period)
     outer = None
     if method.has_outer_state:
         replica_dims = (replica_split_dims(params_shapes, shard_dims(params_shapes, shards), shards,
                                            replicas)
                         if cfg.method.shard_outer_over_replica else None)
-        outer = OuterSync.create(cfg.method, replicas, sharded_mask,
+        outer = OuterSync.create(cfg.method, replicas, method.fragments, sharded_mask,
                                  penalty=method.name in PENALTY_METHODS, replica_dims=replica_dims)
     return Program(cfg, vocab_size, graphdef, params_shapes, tx, method, outer,
-                   make_layout(mesh, params_shapes, tx, outer))
+                   make_layout(mesh, params_shapes, tx, outer), profile)

@@ -3,12 +3,13 @@
 Per device: squeeze the replica dimension, run the forward pass with each layer all-gathered
 over `shard` inside the scan, differentiate (autodiff turns the all-gather into the gradient's
 reduce-scatter), and apply the inner optimizer to the local shard. Every method uses this one
-step; they differ in the step kind (methods.py):
+step; they differ in the step's plan (methods.py):
   DDP    gradients are averaged over `replica` (one pmean);
   LOCAL  no collective over `replica` at all;
-  SYNC   a local step plus the method's sync rule: EDiT's layer-wise sync runs inside the
-         forward pass (the non-layer unit just before it), DiLoCo's outer step and local SGD's
-         averaging run after the inner update.
+  SYNC   a local step plus the method's rule on the plan's units: EDiT's whole-model sync runs
+         inside the forward pass (the non-layer unit just before it); fragments and delayed
+         syncs run from the step's input; DiLoCo's outer step and local SGD's averaging run
+         after the inner update; DreamDDP averages the step's input parameters.
 """
 
 from __future__ import annotations
@@ -20,17 +21,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from edit_jax.methods import StepKind, SyncRule
-from edit_jax.model import LAYER_GROUP, Params, loss_fn
+from edit_jax.methods import REST_UNIT, Method, StepKind, StepPlan, SyncRule, Units
+from edit_jax.model import Params, loss_fn
 from edit_jax.optimizer import sharded_global_norm
 from edit_jax.sharding import (BATCH_SPEC, is_sharded, make_gather, named, optimizer_specs,
                                outer_param_specs, param_specs, shard_dims)
-from edit_jax.sync import REST, OuterSync, assemble, average_replicas, split_units
-
-# {'params': replica-stacked params, 'opt_state': inner optax state (per replica, counters too),
-#  'replica_steps': i32[R] inner steps each replica has taken, 'outer': OuterState (methods with
-#  an outer optimizer only)}
-TrainState = dict
+from edit_jax.state import OuterState, TrainState
+from edit_jax.sync import OuterSync, assemble, average_units, split_units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +36,7 @@ class Layout:
 
     mesh: jax.sharding.Mesh
     dims: Params  # per parameter: the dimension split over `shard` (or NOT_SHARDED)
-    state_specs: dict  # PartitionSpecs of the TrainState
+    state_specs: TrainState  # PartitionSpecs of the TrainState
 
     @property
     def num_replicas(self) -> int:
@@ -74,11 +71,8 @@ def stack_replicas(params: Params, num_replicas: int) -> Params:
 def _fresh_state(params: Params, num_replicas: int, tx: optax.GradientTransformation,
                  outer: OuterSync | None) -> TrainState:
     stacked = stack_replicas(params, num_replicas)
-    state = {"params": stacked, "opt_state": jax.vmap(tx.init)(stacked),
-             "replica_steps": jnp.zeros((num_replicas,), jnp.int32)}
-    if outer is not None:
-        state["outer"] = outer.init(params)
-    return state
+    return TrainState(stacked, jax.vmap(tx.init)(stacked), jnp.zeros((num_replicas,), jnp.int32),
+                      None if outer is None else outer.init(params))
 
 
 def make_layout(mesh: jax.sharding.Mesh, params_shapes: Params, tx: optax.GradientTransformation,
@@ -87,24 +81,20 @@ def make_layout(mesh: jax.sharding.Mesh, params_shapes: Params, tx: optax.Gradie
     specs = param_specs(params_shapes, dims)
     opt_shapes = jax.eval_shape(
         lambda p: jax.vmap(tx.init)(stack_replicas(p, mesh.shape["replica"])), params_shapes)
-    state_specs = {"params": specs,
-                   "opt_state": optimizer_specs(tx, opt_shapes, specs, P("replica")),
-                   "replica_steps": P("replica")}
-    if outer is not None:
-        state_specs["outer"] = outer_specs(outer, params_shapes, dims)
+    state_specs = TrainState(specs, optimizer_specs(tx, opt_shapes, specs, P("replica")),
+                             P("replica"),
+                             None if outer is None else outer_specs(outer, params_shapes, dims))
     return Layout(mesh, dims, state_specs)
 
 
-def outer_specs(outer: OuterSync, params_shapes: Params, dims: Params) -> dict:
+def outer_specs(outer: OuterSync, params_shapes: Params, dims: Params) -> OuterState:
     """phi and outer moments like the parameters minus the replica axis (split over `replica`
     too with shard_outer_over_replica); statistics replicated."""
     phi_specs = outer_param_specs(params_shapes, dims, outer.replica_dims)
     shapes = jax.eval_shape(outer.init, params_shapes)
     rest_specs, layer_specs = split_units(phi_specs)
-    return {"phi": phi_specs,
-            REST: optimizer_specs(outer.rest_tx, shapes[REST], rest_specs),
-            LAYER_GROUP: optimizer_specs(outer.layer_tx, shapes[LAYER_GROUP], layer_specs),
-            "synced_steps": P()}
+    return OuterState(phi_specs, optimizer_specs(outer.rest_tx, shapes.rest, rest_specs),
+                      optimizer_specs(outer.layer_tx, shapes.layers, layer_specs), P())
 
 
 def init_state(layout: Layout, init_params, tx: optax.GradientTransformation,
@@ -120,7 +110,7 @@ def make_begin_local_phase(layout: Layout, outer: OuterSync):
     begins."""
 
     def begin(state: TrainState) -> TrainState:
-        return {**state, "outer": outer.init(_unstack(state["params"]), state["replica_steps"])}
+        return state._replace(outer=outer.init(_unstack(state.params), state.replica_steps))
 
     return jax.jit(begin, out_shardings=layout.state_shardings, donate_argnums=0)
 
@@ -133,35 +123,62 @@ def _stack(tree):
     return jax.tree.map(lambda x: x[None], tree)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, kind: StepKind,
-                    rule: SyncRule = SyncRule.NONE, outer: OuterSync | None = None):
+def _sync_metrics(outer_state: OuterState, units: Units) -> dict:
+    """The sync's replica weights and outlier count, from one of the synced units' states (all
+    of them share the norms with global granularity)."""
+    if REST_UNIT in units:
+        penalty = outer_state.rest
+    else:
+        first = min(units)
+        penalty = jax.tree.map(lambda x: x[first], outer_state.layers)
+    return {"sync_weights": penalty.weights, "sync_outliers": jnp.sum(penalty.outliers)}
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, plan: StepPlan,
+                    method: Method | None = None, outer: OuterSync | None = None):
     """jit(shard_map(step)): (TrainState, tokens (B, T+1)) -> (TrainState, metrics).
 
-    metrics: 'loss' and 'grad_norm' per replica (shape (R,)); on sync steps with an outer
-    optimizer the sync's replica weights, the local steps per replica since the previous sync,
-    and (layer-wise) the outliers and every replica's step count after this step.
+    `plan` says what the step does over `replica` (methods.py); `method` gives the rule and
+    where each sync runs: EDiT's whole-model sync inside the layer scan; an outer sync due at the
+    start of the step (edit's fragments, any delayed fragment) from the step's input; DiLoCo's
+    after the inner update; local SGD's averaging after the update; DreamDDP's averaging of the
+    step's input parameters, which the update then starts from. metrics: 'loss' and
+    'grad_norm' per replica (shape (R,)); on outer syncs the replica weights and outliers, the
+    local steps per replica since the previous sync, and (in the scan) every replica's step
+    count after this step.
     """
     gather = make_gather(layout.dims)
     sharded_mask = is_sharded(layout.dims)
     num_shards = layout.num_shards
-    sync_rule = rule if kind is StepKind.SYNC else SyncRule.NONE
-    if sync_rule in (SyncRule.OUTER, SyncRule.LAYERWISE) and outer is None:
-        raise ValueError(f"the {sync_rule.value} sync needs an OuterSync")
+    rule = method.rule if method is not None and plan.kind is StepKind.SYNC else SyncRule.NONE
+    outer_sync = rule in (SyncRule.OUTER, SyncRule.LAYERWISE) and bool(plan.sync)
+    if (outer_sync or plan.apply) and outer is None:
+        raise ValueError(f"the {rule.value} sync needs an OuterSync")
+    in_scan = (outer_sync and rule is SyncRule.LAYERWISE and plan.sync == method.units
+               and method.fragment_delay == 0)
+    at_start = outer_sync and not in_scan and method.sends_at_start
+    at_end = outer_sync and not in_scan and not method.sends_at_start
 
     def local_step(state: TrainState, tokens_bxT1):
-        outer_state = state.get("outer")
-        theta = _unstack(state["params"])
+        outer_state = state.outer
+        theta = _unstack(state.params)
         metrics = {}
-        if sync_rule is SyncRule.LAYERWISE:
-            extra, totals = outer.sync_inputs(theta, outer_state, state["replica_steps"])
+        if in_scan:
+            extra, totals = outer.sync_inputs(theta, outer_state, state.replica_steps, plan.sync)
             metrics["sync_local_steps"] = extra["steps"].astype(jnp.int32)
             metrics["replica_steps"] = totals + 1  # after this step
+        elif at_start:  # from the step's input: no data dependency on this step's compute
+            synced, outer_state, metrics["sync_local_steps"] = outer.sync_units(
+                theta, outer_state, state.replica_steps, plan.sync)
+            metrics.update(_sync_metrics(outer_state, plan.sync))
+            if not method.fragment_delay:  # the synced values take part in this step
+                theta = synced
 
         def replica_loss_part(params):
             # Each device's share of its replica's mean loss; the all-gather's transpose sums
             # the shares' gradients over `shard`, giving the gradient of the replica mean.
             layer_sync, rest = None, None
-            if sync_rule is SyncRule.LAYERWISE:
+            if in_scan:
                 params, rest = outer.sync_rest(params, outer_state, extra)
                 layer_sync = outer.layer_sync(outer_state, extra)
             loss, layer_outs = loss_fn(graphdef, params, tokens_bxT1, gather, layer_sync)
@@ -169,38 +186,37 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
 
         (loss_part, (layer_outs, rest)), grads = jax.value_and_grad(
             replica_loss_part, has_aux=True)(theta)
-        if sync_rule is SyncRule.LAYERWISE:  # every replica continues from the new phi
-            theta, outer_state = assemble(rest, layer_outs, totals)
-            metrics["sync_weights"] = outer_state[REST].weights
-            metrics["sync_outliers"] = jnp.sum(outer_state[REST].outliers)
-        if kind is StepKind.DDP:
+        if in_scan:  # every replica continues from the new phi
+            theta, outer_state = assemble(rest, layer_outs,
+                                          outer_state.synced_steps.at[0].set(totals))
+            metrics.update(_sync_metrics(outer_state, plan.sync))
+        if plan.kind is StepKind.DDP:
             grads = jax.lax.pmean(grads, "replica")
+        if rule is SyncRule.PARTIAL:  # the update starts from the averaged input parameters
+            theta = average_units(theta, plan.sync, method.num_layers)
         grad_norm = sharded_global_norm(grads, sharded_mask)
-        updates, opt_state = tx.update(grads, _unstack(state["opt_state"]), theta)
+        updates, opt_state = tx.update(grads, _unstack(state.opt_state), theta)
         theta = optax.apply_updates(theta, updates)
-        replica_steps = state["replica_steps"] + 1
-        if sync_rule is SyncRule.AVERAGE:
-            theta = average_replicas(theta)
-        elif sync_rule is SyncRule.OUTER:
-            theta, outer_state, local_steps = outer.sync_after_step(theta, outer_state,
-                                                                    replica_steps)
-            metrics["sync_weights"] = outer_state[REST].weights
-            metrics["sync_local_steps"] = local_steps
-        new_state = {"params": _stack(theta), "opt_state": _stack(opt_state),
-                     "replica_steps": replica_steps}
-        if outer_state is not None:
-            new_state["outer"] = outer_state
+        replica_steps = state.replica_steps + 1
+        if rule is SyncRule.AVERAGE:
+            theta = average_units(theta, plan.sync, method.num_layers)
+        elif at_end:
+            theta, outer_state, metrics["sync_local_steps"] = outer.sync_units(
+                theta, outer_state, replica_steps, plan.sync)
+            metrics.update(_sync_metrics(outer_state, plan.sync))
+        if plan.apply:  # a delayed fragment's outer step lands
+            theta = outer.apply_units(theta, outer_state, plan.apply)
+        new_state = TrainState(_stack(theta), _stack(opt_state), replica_steps, outer_state)
         # Per replica (averaged on the host): a collective here would tie the replicas together.
         metrics["loss"] = jax.lax.psum(loss_part, "shard")[None]
         metrics["grad_norm"] = grad_norm[None]
         return new_state, metrics
 
     metric_specs = {"loss": P("replica"), "grad_norm": P("replica")}
-    if sync_rule is SyncRule.LAYERWISE:
-        metric_specs.update(sync_weights=P(), sync_outliers=P(), sync_local_steps=P(),
-                            replica_steps=P())
-    elif sync_rule is SyncRule.OUTER:
-        metric_specs.update(sync_weights=P(), sync_local_steps=P())
+    if outer_sync:
+        metric_specs.update(sync_weights=P(), sync_outliers=P(), sync_local_steps=P())
+    if in_scan:
+        metric_specs["replica_steps"] = P()
     step = jax.shard_map(local_step, mesh=layout.mesh, in_specs=(layout.state_specs, BATCH_SPEC),
                          out_specs=(layout.state_specs, metric_specs))
     return jax.jit(step, donate_argnums=0)
@@ -219,5 +235,5 @@ def make_eval_step(graphdef, layout: Layout):
         return jax.lax.pmean(jnp.mean(losses), ("replica", "shard"))
 
     return jax.jit(jax.shard_map(local_eval, mesh=layout.mesh,
-                                 in_specs=(layout.state_specs["params"], P(None, *BATCH_SPEC)),
+                                 in_specs=(layout.state_specs.params, P(None, *BATCH_SPEC)),
                                  out_specs=P()))

@@ -1,19 +1,24 @@
-"""Syncing replicas: the outer state and the sync rules of local SGD, DiLoCo and EDiT.
+"""Syncing replicas: the outer state and the per-unit sync rules of local SGD, DreamDDP, DiLoCo
+and EDiT.
 
 A *synced unit* is one decoder layer, or all non-layer parameters together (embedding, final
 norm, head). For a unit, `sync_unit` runs the outer transformation of outer.py (the
 pseudo-gradient penalty around SGD with Nesterov momentum) on this device's shard:
 delta_r = phi - theta_r -> weights -> combined delta -> clip -> phi <- OuterOpt(phi, delta);
-every replica then continues from phi. EDiT calls it for each layer inside the forward pass's
-layer scan (`layer_sync`), right before that layer's all-gather; DiLoCo calls it for every unit
-after the inner step (`sync_after_step`). Local SGD only averages (`average_replicas`).
+every replica then continues from phi (or from `alpha * theta_r + (1 - alpha) * phi`, streaming's
+blend). Which units sync at which step is the method's schedule (methods.py); where:
+EDiT's whole-model sync runs per layer inside the forward pass's layer scan (`layer_sync`),
+right before that layer's all-gather; any other set of units (a fragment, DiLoCo's whole model)
+runs through `sync_units`, per layer under `vmap` over the selected layers. Local SGD and
+DreamDDP only average (`average_units`); a delayed fragment's outer step is blended in later by
+`apply_units`.
 
-What every unit's sync shares is gathered once before the scan, by scalar collectives only
-(`sync_inputs`): the local steps each replica ran since the last sync (always passed to the
+What every unit's sync shares is gathered once, by scalar collectives only (`sync_inputs`): the
+local steps each replica ran since the synced fragment's last sync (always passed to the
 penalty: its anomaly test judges norms per local step, so an A-EDiT replica that ran more steps
 is not flagged for that alone; also A-EDiT's step weighting and the metrics) and, with `global`
-norm granularity, the per-replica norms of the whole model's pseudo-gradient; with `layer`
-granularity each unit uses its own norms.
+norm granularity, the per-replica norms of the pseudo-gradient of all the synced units; with
+`layer` granularity each unit uses its own norms.
 """
 
 from __future__ import annotations
@@ -22,17 +27,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from edit_jax.config import MethodConfig
+from edit_jax.fragments import blend
+from edit_jax.methods import REST_UNIT, Units
 from edit_jax.model import LAYER_GROUP, LayerSync, Params
 from edit_jax.outer import gather_replicas, pseudo_gradient_penalty, replica_norms
 from edit_jax.sharding import NOT_SHARDED
-
-REST = "rest"  # the unit of all non-layer parameters
-# {'phi': Params, 'rest': PenaltyState, 'layers': PenaltyState stacked over L,
-#  'synced_steps': i32[R], every replica's step count at the last sync}
-OuterState = dict
+from edit_jax.state import OuterState
 
 
 def split_units(params: Params) -> tuple[Params, Params]:
@@ -73,6 +77,52 @@ def _from_piece(piece: jax.Array, replica_dim: int) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
+class UnitSelection:
+    """Static indices of a set of units in the parameter tree: whether the non-layer unit is in
+    it and which rows of the stacked layers (None: all of them, in order, so that a whole-model
+    sync compiles to the same program as before selections existed)."""
+
+    rest: bool
+    layers: np.ndarray | None
+
+    @classmethod
+    def of(cls, units: Units, num_layers: int) -> UnitSelection:
+        rows = np.array(sorted(u for u in units if u != REST_UNIT), np.int32)
+        every = len(rows) == num_layers
+        return cls(REST_UNIT in units, None if every else rows)
+
+    @property
+    def has_layers(self) -> bool:
+        return self.layers is None or len(self.layers) > 0
+
+    def take(self, stacked):
+        """The selected layers' rows of a tree stacked over layers."""
+        return stacked if self.layers is None else jax.tree.map(lambda x: x[self.layers], stacked)
+
+    def put(self, stacked, rows):
+        """`stacked` with the selected layers' rows replaced by `rows`."""
+        if self.layers is None:
+            return rows
+        return jax.tree.map(lambda x, v: x.at[self.layers].set(v), stacked, rows)
+
+    def view(self, params: Params, per_leaf: bool = False) -> Params:
+        """The selected units of a parameter tree: non-layer groups (if selected) and layers;
+        `per_leaf`: a tree of per-parameter facts (masks, dims), whose layers are not stacked."""
+        rest, layers = split_units(params)
+        out = dict(rest) if self.rest else {}
+        if self.has_layers:
+            out[LAYER_GROUP] = layers if per_leaf else self.take(layers)
+        return out
+
+    def merge(self, params: Params, view: Params) -> Params:
+        """`params` with the selected units replaced by those of `view`."""
+        out = {**params, **{k: v for k, v in view.items() if k != LAYER_GROUP}}
+        if self.has_layers:
+            out[LAYER_GROUP] = self.put(params[LAYER_GROUP], view[LAYER_GROUP])
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class OuterSync:
     """The outer optimizer of diloco and edit, applied per synced unit on local shards.
 
@@ -84,15 +134,19 @@ class OuterSync:
 
     rest_tx: optax.GradientTransformationExtraArgs
     layer_tx: optax.GradientTransformationExtraArgs
-    global_norms: bool  # one norm per replica over the whole model (else per unit)
+    global_norms: bool  # one norm per replica over the synced units (else per unit)
     sharded_mask: Params  # per parameter: split over `shard`?
     num_replicas: int
+    fragments: tuple[Units, ...]  # the units of each fragment (one: the whole model)
+    alpha: float  # the replica continues from alpha * theta_r + (1 - alpha) * phi
     replica_dims: Params | None  # per parameter: the shard dimension split over `replica`
 
     @classmethod
-    def create(cls, cfg: MethodConfig, num_replicas: int, sharded_mask: Params, penalty: bool,
+    def create(cls, cfg: MethodConfig, num_replicas: int, fragments: tuple[Units, ...],
+               sharded_mask: Params, penalty: bool,
                replica_dims: Params | None = None) -> OuterSync:
-        """penalty=False: plain averaging of pseudo-gradients (DiLoCo)."""
+        """penalty=False: plain averaging of pseudo-gradients (DiLoCo); `fragments`: the units
+        of each fragment (methods.Method.fragments)."""
         sgd = optax.sgd(cfg.outer_lr, momentum=cfg.outer_momentum or None,
                         nesterov=cfg.nesterov and cfg.outer_momentum > 0)
         rest_mask, layer_mask = split_units(sharded_mask)
@@ -111,35 +165,52 @@ class OuterSync:
 
         return cls(make(rest_mask, split_masks[0]), make(layer_mask, split_masks[1]),
                    penalty and cfg.norm_granularity == "global", sharded_mask, num_replicas,
-                   replica_dims)
+                   fragments, cfg.fragment_alpha, replica_dims)
 
     def init(self, phi: Params, replica_steps: jax.Array | None = None) -> OuterState:
-        """Fresh outer state at phi; `replica_steps` (i32[R], default zeros) counts as synced."""
+        """Fresh outer state at phi; `replica_steps` (i32[R], default zeros) counts as synced
+        for every fragment."""
         rest, layers = split_units(phi)
         if replica_steps is None:
             replica_steps = jnp.zeros((self.num_replicas,), jnp.int32)
-        return {"phi": phi, REST: self.rest_tx.init(rest),
-                LAYER_GROUP: jax.vmap(self.layer_tx.init)(layers), "synced_steps": replica_steps}
+        synced = jnp.broadcast_to(replica_steps, (len(self.fragments), self.num_replicas))
+        return OuterState(phi=phi, rest=self.rest_tx.init(rest),
+                          layers=jax.vmap(self.layer_tx.init)(layers), synced_steps=synced)
 
-    def sync_inputs(self, theta: Params, outer: OuterState,
-                    replica_steps: jax.Array) -> tuple[dict, jax.Array]:
-        """(extra arguments of every unit's update, i32[R] every replica's step count).
+    @property
+    def num_layers(self) -> int:
+        return sum(u != REST_UNIT for f in self.fragments for u in f)
 
-        `steps`: f32[R] local steps per replica since the last sync, always present (every
-        unit's anomaly test divides the norms by them, and step weighting uses them); `norms`:
-        f32[R] norms of every replica's whole pseudo-gradient (global granularity only).
-        `replica_steps` is this replica's count, shape (1,).
+    def select(self, units: Units) -> UnitSelection:
+        return UnitSelection.of(units, self.num_layers)
+
+    def fragment_index(self, units: Units) -> int:
+        """The fragment these units form."""
+        return self.fragments.index(units)
+
+    def sync_inputs(self, theta: Params, outer: OuterState, replica_steps: jax.Array,
+                    units: Units, fragment: int = 0) -> tuple[dict, jax.Array]:
+        """(extra arguments of every synced unit's update, i32[R] every replica's step count).
+
+        `steps`: f32[R] local steps per replica since fragment `fragment`'s last sync, always
+        present (every unit's anomaly test divides the norms by them, and step weighting uses
+        them); `norms`: f32[R] norms of every replica's pseudo-gradient over `units` (global
+        granularity only). `replica_steps` is this replica's count, shape (1,).
         """
         totals = gather_replicas(replica_steps[0], "replica")
-        extra = {"steps": (totals - outer["synced_steps"]).astype(jnp.float32)}
+        extra = {"steps": (totals - outer.synced_steps[fragment]).astype(jnp.float32)}
         if self.global_norms:
-            delta = jax.tree.map(jnp.subtract, outer["phi"], theta)
+            selection = self.select(units)
+            delta = jax.tree.map(jnp.subtract, selection.view(outer.phi), selection.view(theta))
             extra["norms"] = replica_norms(delta, replica_axis="replica", shard_axis="shard",
-                                           sharded_mask=self.sharded_mask)
+                                           sharded_mask=selection.view(self.sharded_mask, True))
         return extra, totals
 
     def sync_unit(self, tx, theta: Params, phi: Params, state, extra: dict, replica_dims):
-        """(new theta, new phi, new outer state) of one unit, from this replica's shard theta."""
+        """(new theta, new phi, new outer state) of one unit, from this replica's shard theta;
+        the new theta is phi blended with theta by `alpha`, typed as varying over `replica`
+        like theta (`_use_value`): a replica-invariant value would make the gradient of a step
+        that differentiates through it be summed over replicas."""
         if replica_dims is None:
             delta = jax.tree.map(jnp.subtract, phi, theta)
         else:
@@ -147,8 +218,13 @@ class OuterSync:
                                  phi, theta, replica_dims)
         updates, state = tx.update(delta, state, phi, **extra)
         phi = optax.apply_updates(phi, updates)
-        new_theta = phi if replica_dims is None else jax.tree.map(_from_piece, phi, replica_dims)
+        new_theta = _use_value(theta, blend(theta, self._whole(phi, replica_dims), self.alpha))
         return new_theta, phi, state
+
+    @staticmethod
+    def _whole(phi: Params, replica_dims) -> Params:
+        """This replica's shard of phi (all-gathered over `replica` when split over it)."""
+        return phi if replica_dims is None else jax.tree.map(_from_piece, phi, replica_dims)
 
     def _unit_dims(self):
         return (None, None) if self.replica_dims is None else split_units(self.replica_dims)
@@ -156,8 +232,8 @@ class OuterSync:
     def sync_rest(self, theta: Params, outer: OuterState, extra: dict):
         """Sync the non-layer unit: (params to use, (new theta, new phi, new state) of it)."""
         rest_theta, _ = split_units(theta)
-        rest_phi, _ = split_units(outer["phi"])
-        synced = self.sync_unit(self.rest_tx, rest_theta, rest_phi, outer[REST], extra,
+        rest_phi, _ = split_units(outer.phi)
+        synced = self.sync_unit(self.rest_tx, rest_theta, rest_phi, outer.rest, extra,
                                 self._unit_dims()[0])
         return {**theta, **_use_value(rest_theta, synced[0])}, synced
 
@@ -171,28 +247,56 @@ class OuterSync:
             synced = self.sync_unit(self.layer_tx, theta_l, phi_l, state_l, extra, layer_dims)
             return _use_value(theta_l, synced[0]), synced
 
-        return LayerSync(fn, (outer["phi"][LAYER_GROUP], outer[LAYER_GROUP]))
+        return LayerSync(fn, (outer.phi[LAYER_GROUP], outer.layers))
 
-    def sync_after_step(self, theta: Params, outer: OuterState,
-                        replica_steps: jax.Array) -> tuple[Params, OuterState, jax.Array]:
-        """DiLoCo: every unit at once after the inner step; returns (new theta, outer, the
-        local steps per replica since the last sync)."""
-        extra, totals = self.sync_inputs(theta, outer, replica_steps)
-        _, rest = self.sync_rest(theta, outer, extra)
-        layers = jax.vmap(
-            lambda t, p, s: self.sync_unit(self.layer_tx, t, p, s, extra, self._unit_dims()[1]))(
-                theta[LAYER_GROUP], outer["phi"][LAYER_GROUP], outer[LAYER_GROUP])
-        return (*assemble(rest, layers, totals), totals - outer["synced_steps"])
+    def sync_units(self, theta: Params, outer: OuterState, replica_steps: jax.Array,
+                   units: Units) -> tuple[Params, OuterState, jax.Array]:
+        """The outer step of `units` (a fragment, or the whole model) at once, outside the layer
+        scan: (theta with those units' new values, new outer state, the local steps per replica
+        since the fragment's last sync)."""
+        fragment = self.fragment_index(units)
+        extra, totals = self.sync_inputs(theta, outer, replica_steps, units, fragment)
+        selection = self.select(units)
+        rest_dims, layer_dims = self._unit_dims()
+        new_theta, phi, rest_state, layer_state = dict(theta), dict(outer.phi), outer.rest, outer.layers
+        if selection.rest:
+            rest_theta, _ = split_units(theta)
+            rest_new, rest_phi, rest_state = self.sync_unit(
+                self.rest_tx, rest_theta, split_units(outer.phi)[0], outer.rest, extra, rest_dims)
+            new_theta.update(rest_new)
+            phi.update(rest_phi)
+        if selection.has_layers:
+            layers_new, layers_phi, layers_state = jax.vmap(
+                lambda t, p, s: self.sync_unit(self.layer_tx, t, p, s, extra, layer_dims))(
+                    selection.take(theta[LAYER_GROUP]), selection.take(outer.phi[LAYER_GROUP]),
+                    selection.take(outer.layers))
+            new_theta[LAYER_GROUP] = selection.put(theta[LAYER_GROUP], layers_new)
+            phi[LAYER_GROUP] = selection.put(outer.phi[LAYER_GROUP], layers_phi)
+            layer_state = selection.put(outer.layers, layers_state)
+        synced = outer.synced_steps.at[fragment].set(totals)
+        return (new_theta, OuterState(phi, rest_state, layer_state, synced),
+                totals - outer.synced_steps[fragment])
+
+    def apply_units(self, theta: Params, outer: OuterState, units: Units) -> Params:
+        """A delayed fragment's outer step lands: its units continue from phi, blended with
+        their local values by `alpha`."""
+        selection = self.select(units)
+        phi = selection.view(outer.phi)
+        if self.replica_dims is not None:  # all-gather the selected units' pieces only
+            rest_dims, layer_dims = self._unit_dims()
+            phi = {k: (jax.vmap(lambda p: self._whole(p, layer_dims))(v) if k == LAYER_GROUP
+                       else self._whole(v, rest_dims[k])) for k, v in phi.items()}
+        return selection.merge(theta, blend(selection.view(theta), phi, self.alpha))
 
 
 def assemble(rest, layers, synced_steps: jax.Array) -> tuple[Params, OuterState]:
     """(theta, outer state) from the (new theta, new phi, new state) of both units."""
     theta = {**rest[0], LAYER_GROUP: layers[0]}
     phi = {**rest[1], LAYER_GROUP: layers[1]}
-    return theta, {"phi": phi, REST: rest[2], LAYER_GROUP: layers[2],
-                   "synced_steps": synced_steps}
+    return theta, OuterState(phi, rest[2], layers[2], synced_steps)
 
 
-def average_replicas(theta: Params) -> Params:
-    """Local SGD's sync: theta_r <- mean_r theta_r."""
-    return jax.lax.pmean(theta, "replica")
+def average_units(theta: Params, units: Units, num_layers: int) -> Params:
+    """Local SGD's and DreamDDP's sync: theta_r <- mean_r theta_r for the given units."""
+    selection = UnitSelection.of(units, num_layers)
+    return selection.merge(theta, jax.lax.pmean(selection.view(theta), "replica"))

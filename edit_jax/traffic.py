@@ -1,7 +1,7 @@
 """The cumulative bytes each device has sent over `replica`, written into every metrics row.
 
-A step kind's bytes are read from its compiled HLO (the figures `edit-jax inspect` reports), once
-per kind, when the run first counts a step of it; the run's total is the sum over the steps it
+A step plan's bytes are read from its compiled HLO (the figures `edit-jax inspect` reports), once
+per plan, when the run first counts a step of it; the run's total is the sum over the steps it
 ran, so loss can be plotted against communication. a_edit's local phase runs on each process's
 own devices and sends nothing over `replica`: it counts only its synchronous steps. On a resume
 the count continues from the last metrics row at or before the checkpoint, plus the steps the
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from edit_jax.inspect_hlo import collective_stats, summarize
 from edit_jax.inspect_steps import compile_step, replica_traffic
-from edit_jax.methods import StepKind
+from edit_jax.methods import StepPlan
 from edit_jax.program import Program
 
 KEYS = ("replica_bytes", "replica_wire_bytes")
@@ -23,20 +23,20 @@ class ReplicaTraffic:
 
     def __init__(self, program: Program):
         self.program = program
-        self.per_kind: dict[StepKind, dict[str, int]] = {}
+        self.per_plan: dict[StepPlan, dict[str, int]] = {}
         self.total = dict.fromkeys(KEYS, 0)
 
-    def figures(self, kind: StepKind) -> dict[str, int]:
-        """Bytes one step of `kind` sends per device, from its compiled HLO."""
-        if kind not in self.per_kind:
-            compiled = compile_step(self.program, kind)
-            self.per_kind[kind] = replica_traffic(
+    def figures(self, plan: StepPlan) -> dict[str, int]:
+        """Bytes one step of `plan` sends per device, from its compiled HLO."""
+        if plan not in self.per_plan:
+            compiled = compile_step(self.program, plan)
+            self.per_plan[plan] = replica_traffic(
                 summarize(collective_stats(compiled, self.program.layout.mesh)))
-        return self.per_kind[kind]
+        return self.per_plan[plan]
 
-    def add(self, kind: StepKind) -> None:
-        """Count one step of `kind`."""
-        for key, value in self.figures(kind).items():
+    def add(self, plan: StepPlan) -> None:
+        """Count one step of `plan`."""
+        for key, value in self.figures(plan).items():
             self.total[key] += value
 
     def resume(self, rows: list[dict], step: int) -> None:
@@ -46,4 +46,4 @@ class ReplicaTraffic:
                     {"step": 0, **dict.fromkeys(KEYS, 0)})
         self.total = {key: last[key] for key in KEYS}
         for s in range(last["step"], step):
-            self.add(self.program.method.kind(s))
+            self.add(self.program.method.plan(s))

@@ -29,11 +29,13 @@ from edit_jax.checkpoint import Checkpointer, CorruptCheckpoint
 from edit_jax.config import Config, to_dict
 from edit_jax.elastic import restore
 from edit_jax.errors import UserError
-from edit_jax.methods import StepKind
+from edit_jax.layer_profile import PROFILE_FILE
+from edit_jax.methods import StepKind, StepPlan
 from edit_jax.metrics import MetricsLog, write_atomically
 from edit_jax.optimizer import lr_schedule
 from edit_jax.peers import Watchdog, barrier, collective_errors
 from edit_jax.program import Program, build_program
+from edit_jax.schedule import save_profile
 from edit_jax.sharding import BATCH_SPEC
 from edit_jax.step import Layout, TrainState
 from edit_jax.stragglers import Straggler
@@ -100,6 +102,9 @@ def train(cfg: Config) -> dict:
     program = build_program(cfg, vocab_size)
     layout = program.layout
     log(program.describe())
+    if program.profile is not None and jax.process_index() == 0:  # a resume keeps the schedule
+        if not (run_dir / PROFILE_FILE).is_file():
+            save_profile(program.profile, run_dir / PROFILE_FILE)
 
     iterator = data_lib.train_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
                                        process_count=jax.process_count())
@@ -165,7 +170,7 @@ class _Steps:
     """
 
     def __init__(self, state: TrainState):
-        self.per_replica = np.asarray(multihost_utils.process_allgather(state["replica_steps"],
+        self.per_replica = np.asarray(multihost_utils.process_allgather(state.replica_steps,
                                                                         tiled=True))
 
     @property
@@ -224,9 +229,9 @@ class _Loop:
             with tqdm(total=run.steps, initial=self.step, unit="step", dynamic_ncols=True,
                       disable=not run.progress or jax.process_index()) as self.bar:
                 while self.step < run.steps:
-                    step_metrics, kind = self.advance()  # compiles what it runs first
+                    step_metrics, plan = self.advance()  # compiles what it runs first
                     with self.watchdog.guard(f"step {self.step + 1}"):
-                        self.after(step_metrics, kind)
+                        self.after(step_metrics, plan)
             with self.watchdog.guard("the last checkpoint"):
                 self.ckpt.wait()
             if self.eval_loss is None:  # the run had already finished: report, don't record
@@ -236,15 +241,15 @@ class _Loop:
             f"{self.eval_loss:.4f}")
         return summary
 
-    def after(self, step_metrics: dict, kind: StepKind) -> None:
+    def after(self, step_metrics: dict, plan: StepPlan) -> None:
         """The books after a step or round: counts, metrics rows, progress, evaluation,
         checkpoints and stop requests."""
         run = self.cfg.run
         before = self.step
         self.steps.advance(step_metrics)
-        self.traffic.add(kind)
+        self.traffic.add(plan)
         self.bar.update(self.step - before)
-        if kind is StepKind.SYNC and "sync_weights" in step_metrics:
+        if "sync_weights" in step_metrics:
             self.metrics.write({**_sync_row(self.step, step_metrics), **self.progress()})
         logged = _crossed(before, self.step, run.log_every) or self.step == run.steps
         if logged:
@@ -255,20 +260,20 @@ class _Loop:
             self.interval = (time.perf_counter(), self.step)
         if _crossed(before, self.step, run.eval_every) or self.step == run.steps:
             self.eval_loss = self.evaluate()
-        self.save_or_stop(before, meeting=logged or kind is StepKind.SYNC)
+        self.save_or_stop(before, meeting=logged or plan.kind is StepKind.SYNC)
 
-    def advance(self) -> tuple[dict, StepKind]:
+    def advance(self) -> tuple[dict, StepPlan]:
         """One step, or for a_edit past its warm-up one round of local steps and a sync."""
         if self.local_phase is not None and self.step >= self.program.method.warmup_steps:
             return self.timed_round()
         started = time.perf_counter()
-        self.state, step_metrics, kind = self.program.step(self.state, self.step,
+        self.state, step_metrics, plan = self.program.step(self.state, self.step,
                                                            self.next_batch())
         with self.watchdog.guard(f"step {self.step + 1}"):
             self.straggler.after_step(step_metrics["loss"], started)
-        return step_metrics, kind
+        return step_metrics, plan
 
-    def timed_round(self) -> tuple[dict, StepKind]:
+    def timed_round(self) -> tuple[dict, StepPlan]:
         """a_edit: this process's local phase, then the sync step with every other process."""
         program, run, step = self.program, self.cfg.run, self.step
         if program.method.begins_local_phase(step):
@@ -279,11 +284,11 @@ class _Loop:
         barrier(f"edit-jax-sync-after-{step}", run.barrier_timeout_seconds,
                 f"the sync after step {step}")
         started = time.perf_counter()
-        self.state, step_metrics = program.train_steps[StepKind.SYNC](self.state,
-                                                                      self.next_batch())
+        plan = program.method.full_sync
+        self.state, step_metrics = program.train_step(plan)(self.state, self.next_batch())
         with self.watchdog.guard(f"the sync after step {step}"):
             self.straggler.after_step(step_metrics["loss"], started)
-        return step_metrics, StepKind.SYNC
+        return step_metrics, plan
 
     def next_batch(self) -> jax.Array:
         return _global_batch(self.program.layout, next(self.iterator),
@@ -313,7 +318,7 @@ class _Loop:
 
     def evaluate(self, record: bool = True) -> float:
         with self.watchdog.paused():  # the first call compiles
-            loss = float(self.program.eval_step(self.state["params"], self.eval_batches))
+            loss = float(self.program.eval_step(self.state.params, self.eval_batches))
         if record:
             self.metrics.write({"step": self.step, "eval_loss": loss, **self.progress()})
         log(f"step {self.step}: eval loss {loss:.4f}")

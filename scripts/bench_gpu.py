@@ -81,7 +81,7 @@ def run_case(config: str, overrides: list[str], steps: int, vocab_default: int) 
     import numpy as np
 
     from edit_jax.inspect_hlo import memory_stats
-    from edit_jax.methods import StepKind
+    from edit_jax.methods import DDP_PLAN
     from edit_jax.program import build_program
 
     device = jax.devices()[0]
@@ -93,7 +93,7 @@ def run_case(config: str, overrides: list[str], steps: int, vocab_default: int) 
     state = program.init_state()
 
     start = time.perf_counter()
-    compiled = program.train_steps[StepKind.DDP].lower(state, batch).compile()
+    compiled = program.train_step(DDP_PLAN).lower(state, batch).compile()
     compile_s = time.perf_counter() - start
     compiled_memory = memory_stats(compiled)
     step_s, state = time_step(compiled, state, batch, steps)

@@ -43,7 +43,6 @@ def main() -> None:
     import numpy as np
 
     from edit_jax.inspect_steps import compile_steps, inspect_program
-    from edit_jax.methods import StepKind
     from edit_jax.program import build_program
     from edit_jax.tokenizer import load_tokenizer
 
@@ -58,8 +57,8 @@ def main() -> None:
         state = program.init_state()
         batch = jax.device_put(tokens, program.layout.batch_sharding)
         times = {}
-        for kind in (StepKind.DDP,) if method == "ddp" else (StepKind.LOCAL, StepKind.SYNC):
-            times[kind.value], state = time_step(compiled[kind], state, batch)
+        for plan, step in compiled.items():  # every plan the method runs, warm-up's too
+            times[plan.name(program.method.num_layers)], state = time_step(step, state, batch)
         del state
         rows.append({"method": method,
                      "replica_bytes_per_step": report["replica_bytes_per_step"],

@@ -35,7 +35,7 @@ def main() -> None:
     import numpy as np
 
     from edit_jax.mesh import make_mesh
-    from edit_jax.methods import StepKind
+    from edit_jax.methods import DDP_PLAN
     from edit_jax.model import abstract_model, count_params, init_model
     from edit_jax.optimizer import inner_optimizer
     from edit_jax.sharding import is_sharded, shard_dims
@@ -52,7 +52,7 @@ def main() -> None:
         tx = inner_optimizer(cfg.optimizer, 1000, is_sharded(shard_dims(shapes, shards)))
         layout = make_layout(mesh, shapes, tx)
         state = init_state(layout, lambda: init_model(cfg.model, vocab, 0)[1], tx)
-        step = make_train_step(graphdef, tx, layout, StepKind.DDP)
+        step = make_train_step(graphdef, tx, layout, DDP_PLAN)
         batch = jax.device_put(tokens, layout.batch_sharding)
         step_s, state = time_step(step, state, batch, args.steps)
         results.append({"mesh": shape, "step_time_s": step_s, "tokens_per_s": rows * seq / step_s})

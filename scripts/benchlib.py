@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: timing a compiled step, reading a run's metrics rows and
-writing the results file."""
+"""What the benchmark scripts share: method specs, timing a compiled step, reading a run's metrics
+rows and writing the results file."""
 
 from __future__ import annotations
 
@@ -48,3 +48,16 @@ def time_to(rows: list[dict], target: float) -> float | None:
     `target`; None if it never got there."""
     return next((r["wall_time"] for r in rows if "eval_loss" in r and r["eval_loss"] <= target),
                 None)
+
+
+def method_spec(spec: str) -> tuple[str, str, list[str]]:
+    """(label, method name, config overrides) of a `--methods` entry: a method name, optionally
+    with method settings after colons, e.g. `diloco:fragments=2:fragment_delay=1` ->
+    ('diloco fragments=2 fragment_delay=1', 'diloco', ['method.name=diloco',
+    'method.fragments=2', 'method.fragment_delay=1'])."""
+    name, *settings = spec.split(":")
+    for setting in settings:
+        if "=" not in setting:
+            raise SystemExit(f"--methods entry {spec!r}: expected NAME:KEY=VALUE:...")
+    overrides = [f"method.name={name}", *(f"method.{s}" for s in settings)]
+    return " ".join([name, *settings]), name, overrides

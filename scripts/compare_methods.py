@@ -1,17 +1,19 @@
 """Method comparison at equal tokens: runs a list of methods (and settings) on one config,
 resumably, and writes their final losses, bytes over `replica` and curves.
 
-    python scripts/compare_methods.py [--config FILE] [--methods ddp,local_sgd,diloco,edit,a_edit]
+    python scripts/compare_methods.py [--config FILE] [--methods ddp,local_sgd,diloco:fragments=2,...]
         [--vary method.outer_lr=0.7,1.0 ...] [--steps 300] [--runs-dir runs/compare]
         [--out results/compare.json] [--plots results/compare] [key=value ...]
 
 Every run trains `--steps` steps on the same batches from its own run directory
 (`<runs-dir>/<label>`); `ddp` is the baseline and runs once, every other method runs once per
-combination of the `--vary` values (a sweep). The script is resumable: a run already recorded in
+combination of the `--vary` values (a sweep). A `--methods` entry may carry method settings
+after colons (`diloco:fragments=2:fragment_delay=1`). The script is resumable: a run already recorded in
 `--out` with the same settings is not rerun, and an interrupted run resumes from its checkpoint;
 recorded runs an invocation does not plan stay in `--out`, so the invocations of a sweep add up.
-Each row has the final validation loss, its difference to ddp's, the tokens, and the cumulative
-bytes each device sent over `replica` (from the compiled HLO, see `metrics.jsonl`). The PNGs
+Each row has the final validation loss, its difference to ddp's, the tokens, the cumulative
+bytes each device sent over `replica` (from the compiled HLO, see `metrics.jsonl`), and the
+mean and peak replica bytes per step over a sync period (`edit-jax inspect`'s figures). The PNGs
 (`edit-jax plot`) show loss against tokens and against replica bytes; loss against wall time
 over a slow link comes from `scripts/slow_link_time_to_loss.py`.
 """
@@ -23,12 +25,12 @@ import itertools
 import json
 from pathlib import Path
 
-from benchlib import run_rows, write_report
+from benchlib import method_spec, run_rows, write_report
 
 BASELINE = "ddp"
 
 
-def runs(methods: list[str], vary: list[str]) -> dict[str, tuple[str, list[str]]]:
+def runs(specs: list[str], vary: list[str]) -> dict[str, tuple[str, list[str]]]:
     """{label: (method, overrides)}: the baseline once, every other method per combination."""
     axes = []
     for item in vary:
@@ -37,12 +39,13 @@ def runs(methods: list[str], vary: list[str]) -> dict[str, tuple[str, list[str]]
             raise SystemExit(f"--vary {item!r}: expected KEY=V1,V2,...")
         axes.append([f"{key}={value}" for value in values.split(",")])
     out = {}
-    for method in methods:
+    for spec in specs:
+        name, method, overrides = method_spec(spec)
         combos = [()] if method == BASELINE else list(itertools.product(*axes))
         for combo in combos:
             settings = " ".join(o.partition("=")[0].rpartition(".")[2] + "=" + o.partition("=")[2]
                                 for o in combo)
-            out[f"{method} {settings}".strip()] = (method, [f"method.name={method}", *combo])
+            out[f"{name} {settings}".strip()] = (method, [*overrides, *combo])
     return out
 
 
@@ -64,10 +67,22 @@ def final_row(run_dir: Path) -> dict:
             "wall_time_s": trained[-1]["wall_time"]}
 
 
+def step_bytes(cfg) -> dict:
+    """The compiled program's replica bytes per step, mean and peak over a sync period."""
+    from edit_jax.inspect_steps import inspect_program
+    from edit_jax.program import build_program
+    from edit_jax.tokenizer import load_tokenizer
+
+    vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).vocab_size
+    report = inspect_program(build_program(cfg, vocab_size))
+    return {key: report[key] for key in ("replica_bytes_per_step", "replica_bytes_peak_per_step")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None)
-    parser.add_argument("--methods", default="ddp,local_sgd,diloco,edit,a_edit")
+    parser.add_argument("--methods", default="ddp,local_sgd,diloco,edit,a_edit",
+                        help="comma-separated NAME[:KEY=VALUE...] entries")
     parser.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                         help="sweep a setting over the non-baseline methods (repeatable)")
     parser.add_argument("--steps", type=int, default=300)
@@ -97,28 +112,32 @@ def main() -> None:
     rows = []
     for label, (method, overrides) in planned.items():
         settings = [*args.overrides, *overrides, f"run.steps={args.steps}"]
+        cfg = config(label, overrides)
         if label in done and done[label]["settings"] == settings:
             print(f"{label}: recorded, not rerun")
-            rows.append(done[label])
+            rows.append({**step_bytes(cfg), **done[label]})
             continue
-        cfg = config(label, overrides)
         print(f"{label}: training {args.steps} steps in {cfg.run.run_dir}", flush=True)
         train(cfg)
         rows.append({"label": label, "method": method, "settings": settings,
-                     "run_dir": cfg.run.run_dir, **final_row(Path(cfg.run.run_dir))})
+                     "run_dir": cfg.run.run_dir, **final_row(Path(cfg.run.run_dir)),
+                     **step_bytes(cfg)})
         write_report({"config": args.config or "tiny", "steps": args.steps,
                       "runs": rows + kept(done, rows)}, out)
     rows += kept(done, rows)
 
     baseline = next((r for r in rows if r["method"] == BASELINE), None)
-    print(f"{'run':<44} | {'val loss':>8} | {'vs ddp':>7} | {'tokens':>10} | {'replica bytes':>14}")
+    print(f"{'run':<44} | {'val loss':>8} | {'vs ddp':>7} | {'tokens':>10} | {'replica bytes':>14}"
+          f" | {'B/step mean':>11} | {'B/step peak':>11}")
     for row in rows:
         if baseline is not None:
             row["vs_ddp"] = row["final_eval_loss"] - baseline["final_eval_loss"]
         delta = f"{row['vs_ddp']:+7.4f}" if "vs_ddp" in row else f"{'-':>7}"
         sent = row["replica_bytes"]
+        mean, peak = row["replica_bytes_per_step"], row["replica_bytes_peak_per_step"]
         print(f"{row['label']:<44} | {row['final_eval_loss']:8.4f} | {delta} | "
-              f"{row['tokens']:>10,} | {'-' if sent is None else f'{sent:,.0f}':>14}")
+              f"{row['tokens']:>10,} | {'-' if sent is None else f'{sent:,.0f}':>14} | "
+              f"{mean:>11,.0f} | {peak:>11,.0f}")
     write_report({"config": args.config or "tiny", "steps": args.steps, "runs": rows}, out)
     if args.plots != "none":
         from edit_jax.plot import load_runs, save_plot

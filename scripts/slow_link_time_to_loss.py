@@ -2,7 +2,7 @@
 replica each, 4 fake CPU devices) in network namespaces joined by a shaped veth pair.
 
     python scripts/slow_link_time_to_loss.py [--link-mbit 100] [--steps 300] [--eval-every 20]
-        [--methods ddp,local_sgd,diloco,edit,a_edit] [--target LOSS] [--runs-dir runs/slow_link]
+        [--methods ddp,local_sgd,diloco:fragments=2,...] [--target LOSS] [--runs-dir runs/slow_link]
         [--sync-every 8] [--warmup-steps 30] [--model-mbit 10] [--out results/slow_link.json]
         [--plot results/slow_link_loss_vs_wall_time.png]
         [key=value ...]
@@ -11,7 +11,7 @@ Every byte the two processes exchange crosses the link (edit_jax/slow_link.py; n
 iproute2): the script reads the veth's counters and reports them next to the compiled HLO's
 replica bytes, which they must exceed. All methods train the same steps on the same batches
 (equal tokens) with the same evaluation schedule; `a_edit` syncs every tau x edit's measured
-step time. The target is the worst final validation loss of the methods (so all reach it)
+step time; a `--methods` entry may carry method settings after colons (benchlib.method_spec). The target is the worst final validation loss of the methods (so all reach it)
 unless `--target` is given; the table gives each method's wall-clock time to it and the ratio to
 ddp's, measured in one invocation (the seconds are this machine's; the ratios are the result).
 A second, MODELLED column (`--model-mbit`, labelled so) extrapolates to a slower link from the
@@ -34,7 +34,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from benchlib import run_rows, time_to, write_report
+from benchlib import method_spec, run_rows, time_to, write_report
 
 from edit_jax.launch import LINK_PORT, run_processes, train_commands
 from edit_jax.slow_link import SlowLink
@@ -109,8 +109,9 @@ def main() -> None:
     parser.add_argument("--plot", default="results/slow_link_loss_vs_wall_time.png")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
-    methods = args.methods.split(",")
-    if "a_edit" in methods and "edit" not in methods[:methods.index("a_edit")]:
+    methods = [method_spec(spec) for spec in args.methods.split(",")]
+    labels = [label for label, _, _ in methods]
+    if "a_edit" in labels and "edit" not in labels[:labels.index("a_edit")]:
         raise SystemExit("a_edit's sync interval comes from edit's step time: list edit first")
 
     os.environ.update({  # every process compiles into and loads from one persistent cache
@@ -125,19 +126,19 @@ def main() -> None:
               f"run.checkpoint_every={args.steps}", *args.overrides]
     results = {}
     with SlowLink(args.link_mbit) as link:
-        for method in methods:
-            settings = [f"method.name={method}", *common]
+        for label, method, overrides in methods:
+            settings = [*overrides, *common]
             if method == "a_edit":
                 interval = args.sync_every * results["edit"]["median_step_time"]
                 settings.append(f"method.sync_interval_seconds={round(interval, 3)}")
-            if method in recorded and recorded[method]["settings"] == settings:
-                print(f"{method}: recorded, not rerun", file=sys.stderr)
-                results[method] = recorded[method]
+            if label in recorded and recorded[label]["settings"] == settings:
+                print(f"{label}: recorded, not rerun", file=sys.stderr)
+                results[label] = recorded[label]
                 continue
-            run_dir = Path(args.runs_dir) / method
-            compile_steps = args.warmup_steps + 2 * args.sync_every + 1
-            results[method] = {"settings": settings, "run_dir": str(run_dir),
-                               **summary(train_once(link, settings, run_dir, compile_steps))}
+            run_dir = Path(args.runs_dir) / label.replace(" ", "_")
+            compile_steps = args.warmup_steps + 3 * args.sync_every + 1  # delayed fragments too
+            results[label] = {"settings": settings, "run_dir": str(run_dir),
+                              **summary(train_once(link, settings, run_dir, compile_steps))}
             write_report({"link_mbit": args.link_mbit, "methods": results}, out)
 
     target = args.target or max(r["final_eval_loss"] for r in results.values())
@@ -151,7 +152,8 @@ def main() -> None:
     modelled_base = results.get("ddp", {}).get(modelled_key)
     print(f"\n2 processes over a {args.link_mbit:g} Mbit/s link, {args.steps} steps each; "
           f"target validation loss {target:.4f}")
-    print(f"{'method':<10}{'final val':>10}{'time to target':>16}{'vs ddp':>8}{'wall time':>11}"
+    width = max(10, *(len(label) + 2 for label in results))
+    print(f"{'method':<{width}}{'final val':>10}{'time to target':>16}{'vs ddp':>8}{'wall time':>11}"
           f"{'step time':>11}{'link MB sent':>14}{'link/HLO':>10}"
           f"{f'modelled at {args.model_mbit:g} Mbit/s':>26}")
     for method, r in results.items():
@@ -162,7 +164,7 @@ def main() -> None:
         m = r[modelled_key]
         r["modelled_vs_ddp"] = m / modelled_base if m and modelled_base else None
         m_text = "-" if m is None else f"{m:.1f}s ({r['modelled_vs_ddp']:.2f})"
-        print(f"{method:<10}{r['final_eval_loss']:>10.4f}"
+        print(f"{method:<{width}}{r['final_eval_loss']:>10.4f}"
               f"{'-' if t is None else f'{t:.1f}s':>16}{'-' if ratio is None else f'{ratio:.2f}':>8}"
               f"{r['wall_time']:>10.1f}s{r['median_step_time']:>10.3f}s"
               f"{min(r['link_sent_bytes']) / 1e6:>14.1f}{'-' if over is None else f'{over:.2f}':>10}"

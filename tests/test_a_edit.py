@@ -9,7 +9,7 @@ import pytest
 from edit_jax.a_edit import LocalPhase, LocalReplicas, local_replica_indices
 from edit_jax.config import load_config
 from edit_jax.errors import UserError
-from edit_jax.methods import StepKind
+from edit_jax.methods import LOCAL_PLAN
 from edit_jax.program import build_program
 from runs import EDIT, SMALL, VOCAB, train
 
@@ -32,7 +32,7 @@ def test_local_step_on_the_local_mesh_equals_the_global_local_step():
     assert local.replicas == [0, 1] and dict(local.layout.mesh.shape) == {"replica": 2, "shard": 4}
     state = program.begin_local_phase(program.init_state())
     rows = _batch_rows()
-    expected, _ = program.train_steps[StepKind.LOCAL](
+    expected, _ = program.train_step(LOCAL_PLAN)(
         jax.tree.map(lambda x: x.copy(), state), jax.device_put(rows, program.layout.batch_sharding))
     moved, _ = local.step(local.split(state), local.batch(rows))
     joined = local.join(moved, state)
@@ -40,15 +40,15 @@ def test_local_step_on_the_local_mesh_equals_the_global_local_step():
     for got, want in zip(jax.tree.leaves(joined), jax.tree.leaves(expected)):
         assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    np.testing.assert_array_equal(joined["replica_steps"], [1, 1])
+    np.testing.assert_array_equal(joined.replica_steps, [1, 1])
 
 
 def test_split_and_join_move_no_data():
     program = _program()
     local = LocalReplicas(program)
     state = program.init_state()
-    leaf = state["params"]["embed"]["embedding"]
-    split = local.split(state)["params"]["embed"]["embedding"]
+    leaf = state.params["embed"]["embedding"]
+    split = local.split(state).params["embed"]["embedding"]
     pointers = {s.device: s.data.unsafe_buffer_pointer() for s in leaf.addressable_shards}
     assert {s.device: s.data.unsafe_buffer_pointer() for s in split.addressable_shards} == pointers
 
@@ -81,7 +81,7 @@ def test_the_interval_the_last_step_and_a_stop_end_the_local_phase(replica_steps
     state, count = phase.run(state, _batch_rows, replica_steps, last_step=20,
                              stop_requested=lambda: stop)
     assert count == expected and clock.now == expected
-    np.testing.assert_array_equal(state["replica_steps"], [expected, expected])
+    np.testing.assert_array_equal(state.replica_steps, [expected, expected])
 
 
 def test_a_replica_split_between_processes_is_rejected():

@@ -45,6 +45,13 @@ def test_overrides_are_typed_and_win(tmp_path):
     (["run.barrier_timeout_seconds=0"], "'run.barrier_timeout_seconds': must be positive"),
     (["method.name=a_edit", "method.shard_outer_over_replica=true"],
      "needs norm_granularity=layer"),
+    (["method.name=local_sgd", "method.fragments=2"], "apply to diloco and edit, not local_sgd"),
+    (["method.name=a_edit", "method.fragment_alpha=0.5"], "not a_edit"),
+    (["method.fragments=3"], "cannot split model.n_layers=4 evenly"),
+    (["method.fragments=4", "method.sync_every=6"], "use a sync_every divisible by 4"),
+    (["method.fragment_delay=9"], "'method.fragment_delay': must be in [0, method.sync_every=8]"),
+    (["method.fragment_layout=blocks"], "'method.fragment_layout'"),
+    (["method.link_gbps=0"], "'method.link_gbps': must be positive"),
 ])
 def test_bad_input_is_one_line_naming_the_key(overrides, message):
     with pytest.raises(UserError) as e:

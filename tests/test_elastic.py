@@ -25,23 +25,23 @@ def _restored(run_dir, step, method, mesh):
 
 
 def _assert_restarts_from_phi(saved, state, replicas, step):
-    for phi, new_phi, theta in zip(jax.tree.leaves(saved["outer"]["phi"]),
-                                   jax.tree.leaves(state["outer"]["phi"]),
-                                   jax.tree.leaves(state["params"])):
+    for phi, new_phi, theta in zip(jax.tree.leaves(saved.outer.phi),
+                                   jax.tree.leaves(state.outer.phi),
+                                   jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(new_phi), np.asarray(phi))
         assert theta.shape[0] == replicas
         for r in range(replicas):
             np.testing.assert_array_equal(np.asarray(theta)[r], np.asarray(phi))
-    old_trace = saved["outer"]["rest"].inner_state[0].trace["embed"]["embedding"]
-    new_trace = state["outer"]["rest"].inner_state[0].trace["embed"]["embedding"]
+    old_trace = saved.outer.rest.inner_state[0].trace["embed"]["embedding"]
+    new_trace = state.outer.rest.inner_state[0].trace["embed"]["embedding"]
     np.testing.assert_array_equal(np.asarray(new_trace), np.asarray(old_trace))
-    assert state["outer"]["rest"].stats.mean.shape == (replicas,)
-    for stats in (state["outer"]["rest"].stats, state["outer"]["layers"].stats):
+    assert state.outer.rest.stats.mean.shape == (replicas,)
+    for stats in (state.outer.rest.stats, state.outer.layers.stats):
         for x in stats:  # statistics start afresh, the sync count too
             assert not np.any(np.asarray(x))
-    assert int(saved["outer"]["rest"].stats.count) > 0
-    np.testing.assert_array_equal(state["replica_steps"], [step] * replicas)
-    np.testing.assert_array_equal(state["outer"]["synced_steps"], [step] * replicas)
+    assert int(saved.outer.rest.stats.count) > 0
+    np.testing.assert_array_equal(state.replica_steps, [step] * replicas)
+    np.testing.assert_array_equal(state.outer.synced_steps, [[step] * replicas])
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -72,9 +72,9 @@ def test_resume_at_the_end_of_warmup_restarts_from_replica_0(tmp_path):
     train(tmp_path, *EDIT, "run.steps=2", "run.checkpoint_every=100")  # EDIT: 2 warm-up steps
     saved = final_state(tmp_path, 2, *EDIT)
     state = _restored(tmp_path, 2, EDIT, ["mesh.replica=4", "mesh.shard=2"])
-    for theta_saved, theta, phi in zip(jax.tree.leaves(saved["params"]),
-                                       jax.tree.leaves(state["params"]),
-                                       jax.tree.leaves(saved["outer"]["phi"])):
+    for theta_saved, theta, phi in zip(jax.tree.leaves(saved.params),
+                                       jax.tree.leaves(state.params),
+                                       jax.tree.leaves(saved.outer.phi)):
         assert not np.array_equal(np.asarray(theta_saved)[0], np.asarray(phi))  # phi: initial
         for r in range(4):
             np.testing.assert_array_equal(np.asarray(theta)[r], np.asarray(theta_saved)[0])

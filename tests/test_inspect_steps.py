@@ -36,7 +36,7 @@ def param_bytes_per_shard(rep: dict) -> float:
 
 def test_small_model_splits_every_leaf_over_shard():
     prog = program("method.name=ddp")
-    params = prog.abstract_state()["params"]
+    params = prog.abstract_state().params
     assert bytes_per_device(params) == 4 * prog.num_params / prog.layout.num_shards
 
 
@@ -82,7 +82,7 @@ def test_outer_state_sharded_over_replica():
     sharded = layer_norms + ("method.shard_outer_over_replica=true",)
     rep = report(*sharded)
     replicas = rep["mesh"]["replica"]
-    whole = bytes_per_device(program(*layer_norms).abstract_state()["outer"])
+    whole = bytes_per_device(program(*layer_norms).abstract_state().outer)
     split = rep["outer_state_bytes_per_device"]
     assert whole >= 2 * param_bytes_per_shard(rep)  # phi + momentum: 2P/S
     assert whole / split >= 0.9 * replicas

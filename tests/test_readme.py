@@ -31,3 +31,11 @@ def test_the_optax_example_runs_and_learns(capsys):
     exec(compile(code, "README example", "exec"), {})
     loss = float(re.search(r"loss (\S+),", capsys.readouterr().out).group(1))
     assert loss < 0.5  # from about 8 at phi = 0
+
+
+def test_the_streaming_example_runs_and_learns(capsys):
+    section = README.split("### Streaming fragments in your own loop", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README streaming example", "exec"), {})
+    loss = float(re.search(r"loss (\S+)", capsys.readouterr().out).group(1))
+    assert loss < 0.5  # from about 10 at phi = 0

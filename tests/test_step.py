@@ -10,7 +10,7 @@ import pytest
 
 from edit_jax.config import MeshConfig, ModelConfig, OptimizerConfig
 from edit_jax.mesh import make_mesh
-from edit_jax.methods import StepKind
+from edit_jax.methods import DDP_PLAN, LOCAL_PLAN
 from edit_jax.model import abstract_model, init_model, loss_fn
 from edit_jax.optimizer import decay_mask, inner_optimizer, lr_schedule
 from edit_jax.sharding import BATCH_SPEC, is_sharded, shard_dims
@@ -55,13 +55,13 @@ def _reference(batches):
     return losses, params
 
 
-def _sharded(mesh_shape, batches, kind):
+def _sharded(mesh_shape, batches, plan):
     mesh = make_mesh(MeshConfig(*mesh_shape))
     graphdef, shapes = abstract_model(MODEL, VOCAB)
     tx = inner_optimizer(OPT, TOTAL, is_sharded(shard_dims(shapes, mesh_shape[1])))
     layout = make_layout(mesh, shapes, tx)
     state = init_state(layout, lambda: init_model(MODEL, VOCAB, 0)[1], tx)
-    step = make_train_step(graphdef, tx, layout, kind)
+    step = make_train_step(graphdef, tx, layout, plan)
     losses = []
     for tokens in batches:
         state, metrics = step(state, jax.device_put(tokens, layout.batch_sharding))
@@ -78,25 +78,25 @@ def _assert_params_close(stacked, replica, reference, tol):
 def test_ddp_step_equals_unsharded_reference(mesh_shape):
     batches = _batches(16)
     ref_losses, ref_params = _reference(batches)
-    losses, state, layout = _sharded(mesh_shape, batches, StepKind.DDP)
+    losses, state, layout = _sharded(mesh_shape, batches, DDP_PLAN)
     np.testing.assert_allclose(losses, ref_losses, atol=1e-5, rtol=0)
     for r in range(mesh_shape[0]):
-        _assert_params_close(state["params"], r, ref_params, 1e-5)
-    spec = layout.state_specs["params"]["layers"]["mlp"]["w_up"]["kernel"]
+        _assert_params_close(state.params, r, ref_params, 1e-5)
+    spec = layout.state_specs.params["layers"]["mlp"]["w_up"]["kernel"]
     assert spec[0] == "replica" and ("shard" in tuple(spec)) == (mesh_shape[1] > 1)
-    leaf = state["params"]["layers"]["mlp"]["w_up"]["kernel"]
+    leaf = state.params["layers"]["mlp"]["w_up"]["kernel"]
     assert leaf.sharding.is_equivalent_to(jax.sharding.NamedSharding(layout.mesh, spec), leaf.ndim)
     assert leaf.addressable_shards[0].data.shape == (1, 2, 64, 96 // mesh_shape[1])
 
 
 def test_without_replica_reduction_each_replica_trains_on_its_own_rows():
     batches = _batches(16)
-    losses, state, _ = _sharded((2, 4), batches, StepKind.LOCAL)
+    losses, state, _ = _sharded((2, 4), batches, LOCAL_PLAN)
     ref = [_reference([b[8 * r:8 * (r + 1)] for b in batches]) for r in range(2)]
     np.testing.assert_allclose(losses, np.mean([ref[0][0], ref[1][0]], axis=0), atol=1e-5)
     for r in range(2):
-        _assert_params_close(state["params"], r, ref[r][1], 1e-5)
-    leaf = state["params"]["embed"]["embedding"]
+        _assert_params_close(state.params, r, ref[r][1], 1e-5)
+    leaf = state.params["embed"]["embedding"]
     assert not np.allclose(leaf[0], leaf[1])  # the replicas really drifted apart
 
 
@@ -112,7 +112,7 @@ def test_eval_step_scores_the_replica_average():
     state = init_state(layout, lambda: init_model(MODEL, VOCAB, 0)[1], tx)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *BATCH_SPEC))
     apart = jax.tree.map(lambda x: x + 0.05 * jnp.array([1.0, -1.0]).reshape(
-        (2,) + (1,) * (x.ndim - 1)), state["params"])
+        (2,) + (1,) * (x.ndim - 1)), state.params)
     loss = make_eval_step(graphdef, layout)(apart, jax.device_put(tokens, sharding))
     expected = np.mean([loss_fn(graphdef, params, jnp.asarray(batch))[0] for batch in tokens])
     np.testing.assert_allclose(loss, expected, atol=1e-5)

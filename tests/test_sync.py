@@ -128,15 +128,17 @@ class ReferenceSync:
             w = (1 - m.step_weighting) * w + m.step_weighting * share
         return w
 
-    def sync(self, thetas_units, steps):
+    def sync(self, thetas_units, steps, units=None):
         """thetas_units[r][u] = list of arrays, steps[r] = local steps since the last sync;
-        returns the new phi units (theta_r <- phi)."""
+        syncs `units` (default: all; global norms over them) and returns the new phi units
+        (theta_r <- phi)."""
+        units = range(len(self.phi)) if units is None else units
         deltas = [[[p - t for p, t in zip(self.phi[u], thetas_units[r][u])]
                    for u in range(len(self.phi))] for r in range(R)]
-        global_norms = np.array([np.sqrt(sum(np.sum(x ** 2) for unit in deltas[r] for x in unit))
+        global_norms = np.array([np.sqrt(sum(np.sum(x ** 2) for u in units for x in deltas[r][u]))
                                  for r in range(R)])
         m = self.m
-        for u in range(len(self.phi)):
+        for u in units:
             if self.penalty and m.norm_granularity == "layer":
                 norms = np.array([np.sqrt(sum(np.sum(x ** 2) for x in deltas[r][u]))
                                   for r in range(R)])
@@ -213,7 +215,7 @@ def _run_reference(method: MethodConfig, penalty: bool, rule: str, sync_steps=No
 
 def _assert_replicas_equal(state, thetas, atol):
     for r in range(R):
-        for ours, ref in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(thetas[r])):
+        for ours, ref in zip(jax.tree.leaves(state.params), jax.tree.leaves(thetas[r])):
             np.testing.assert_allclose(np.asarray(ours)[r], np.asarray(ref), atol=atol, rtol=0)
 
 
@@ -235,7 +237,7 @@ def test_edit_with_penalty_equals_reference(method):
     ref_losses, ref_thetas, ref = _run_reference(method, penalty=True, rule="layerwise")
     np.testing.assert_allclose(losses, ref_losses, atol=1e-4, rtol=0)
     _assert_replicas_equal(state, ref_thetas, 1e-4)
-    rest = state["outer"]["rest"]
+    rest = state.outer.rest
     last_rest_sync = -len(ref.phi)  # the non-layer unit is synced first at every sync
     np.testing.assert_allclose(rest.weights, ref.weights_log[last_rest_sync], atol=1e-4)
     np.testing.assert_array_equal(rest.outliers, ref.outliers_log[last_rest_sync])
@@ -295,8 +297,8 @@ def test_step_weighted_sync_with_unequal_local_steps_equals_reference():
     def lag_replica_1(t, state):
         if t != 5:
             return state
-        steps = np.asarray(state["replica_steps"]) - np.array([0, 2], np.int32)
-        return {**state, "replica_steps": jax.device_put(steps, state["replica_steps"].sharding)}
+        steps = np.asarray(state.replica_steps) - np.array([0, 2], np.int32)
+        return state._replace(replica_steps=jax.device_put(steps, state.replica_steps.sharding))
 
     losses, state, synced = _run_ours(method, lag_replica_1)
     assert synced == [[3, 1], [3, 3]]
@@ -306,5 +308,5 @@ def test_step_weighted_sync_with_unequal_local_steps_equals_reference():
     _assert_replicas_equal(state, ref_thetas, 1e-4)
     first_rest_weights = ref.weights_log[0]
     assert first_rest_weights[0] > 0.6  # the step share (3/4) pulls towards replica 0
-    np.testing.assert_allclose(state["outer"]["rest"].weights, ref.weights_log[-len(ref.phi)],
+    np.testing.assert_allclose(state.outer.rest.weights, ref.weights_log[-len(ref.phi)],
                                atol=1e-4)

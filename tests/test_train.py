@@ -116,11 +116,11 @@ def test_edit_saves_without_changing_the_trajectory_and_resumes_exactly(tmp_path
                                [straight[s] for s in range(7, 11)], atol=1e-6, rtol=0)
     assert [r["step"] for r in rows if r.get("sync")] == [6, 9]
     a, b = final_state(tmp_path / "a", 10, *EDIT), final_state(tmp_path / "b", 10, *EDIT)
-    outer_a, outer_b = a["outer"], b["outer"]
-    assert int(outer_a["rest"].stats.count) == 2  # two syncs fed the penalty statistics
+    outer_a, outer_b = a.outer, b.outer
+    assert int(outer_a.rest.stats.count) == 2  # two syncs fed the penalty statistics
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=0)
-    np.testing.assert_array_equal(outer_a["rest"].stats.mean, outer_b["rest"].stats.mean)
+    np.testing.assert_array_equal(outer_a.rest.stats.mean, outer_b.rest.stats.mean)
     _check_replica_bytes(rows, resumed_rows)
     _check_tensorboard(tmp_path / "b" / "tensorboard", resumed_rows)
 

@@ -1,0 +1,39 @@
+"""The typed containers of the training state, shared by step.py, sync.py, elastic.py and a_edit.py.
+
+Both are NamedTuples, hence pytrees: jit, shard_map, Orbax and `jax.tree.map` take them as they
+are, and their PartitionSpecs are the same container holding specs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import optax
+
+from edit_jax.outer import PenaltyState
+
+Params = dict
+
+
+class OuterState(NamedTuple):
+    """What diloco, edit and a_edit keep besides the replicas' parameters; the same on every
+    replica. The synced units (sync.py) are the non-layer parameters and each decoder layer."""
+
+    phi: Params  # the global parameters
+    rest: PenaltyState  # the non-layer unit's outer optimizer state and penalty statistics
+    layers: PenaltyState  # the same per layer, stacked over the L layers
+    synced_steps: jax.Array  # i32[F, R]: every replica's step count at fragment f's last sync
+
+
+class TrainState(NamedTuple):
+    """Everything a run carries from step to step (and saves in checkpoints)."""
+
+    params: Params  # replica-stacked: leading axis R
+    opt_state: optax.OptState  # the inner optimizer's, per replica (its counters too)
+    replica_steps: jax.Array  # i32[R]: inner steps each replica has taken
+    outer: OuterState | None = None  # methods with an outer optimizer only
+
+    def replica_varying(self) -> TrainState:
+        """The part that differs between replicas (a_edit moves it between meshes)."""
+        return self._replace(outer=None)
