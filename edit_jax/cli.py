@@ -29,13 +29,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="dotted config overrides, e.g. run.steps=100 mesh.replica=4")
     inspect = commands.add_parser(
         "inspect", help="collective bytes and memory of the compiled train steps",
-        description="Compile every step kind the configured method runs (nothing is allocated) "
+        description="Compile every step plan the configured method runs (nothing is allocated; "
+                    "dreamddp without a profile first times its layers on one device) "
                     "and report, per device, the collective bytes over each mesh axis (loops "
                     "counted), compiled memory, parameter and outer-state sizes.")
-    inspect.add_argument("--config", help="YAML file or a bundled config name")
-    inspect.add_argument("--json", action="store_true", help="print one JSON object")
-    inspect.add_argument("overrides", nargs="*", metavar="key=value",
-                         help="dotted config overrides, e.g. method.name=diloco")
+    _report_arguments(inspect, "method.name=diloco")
     launch = commands.add_parser(
         "launch", help="run `train` as N local processes (multi-process on one machine)",
         description="Start N `edit-jax train` processes on this machine, joined by "
@@ -64,10 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                     "measured on these devices (or method.layer_profile, a JSON profile), and "
                     "print it with the predicted time per iteration next to full-model local "
                     "SGD and PLSGD over a period of method.sync_every iterations.")
-    schedule.add_argument("--config", help="YAML file or a bundled config name")
-    schedule.add_argument("--json", action="store_true", help="print one JSON object")
-    schedule.add_argument("overrides", nargs="*", metavar="key=value",
-                          help="dotted config overrides, e.g. method.link_gbps=0.1")
+    _report_arguments(schedule, "method.link_gbps=0.1")
     plot = commands.add_parser(
         "plot", help="loss curves of several runs in one PNG",
         description="Plot the train and validation loss of each run directory in one PNG "
@@ -81,6 +76,14 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", default="loss.png", metavar="FILE.png",
                       help="where to write the PNG (default: loss.png)")
     return parser
+
+
+def _report_arguments(command: argparse.ArgumentParser, example: str) -> None:
+    """The arguments of a command that reports on a config: --config, --json, overrides."""
+    command.add_argument("--config", help="YAML file or a bundled config name")
+    command.add_argument("--json", action="store_true", help="print one JSON object")
+    command.add_argument("overrides", nargs="*", metavar="key=value",
+                         help=f"dotted config overrides, e.g. {example}")
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -135,8 +138,8 @@ def _schedule(args: argparse.Namespace) -> None:
     vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).vocab_size
     mesh = make_mesh(cfg.mesh)
     profile = run_profile(cfg, vocab_size, abstract_model(cfg.model, vocab_size)[1],
-                          mesh.shape["replica"], mesh.shape["shard"])
-    path = saved_profile_path(cfg)
+                          mesh.shape["replica"], mesh.shape["shard"], resumable=False)
+    path = saved_profile_path(cfg, resumable=False)
     source = str(path) if path else f"measured on {jax.devices()[0].device_kind}"
     report = {**schedule_report(profile, cfg.method.sync_every), "profile": source,
               "mesh": dict(mesh.shape), "link_gbps": cfg.method.link_gbps,

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import jax
 
+from edit_jax.config import FRAGMENT_LAYOUTS
 from edit_jax.errors import UserError
-
-LAYOUTS = ("strided", "sequential")
 
 
 def fragment_layers(num_layers: int, num_fragments: int, layout: str = "strided") -> list[list[int]]:
@@ -32,8 +31,8 @@ def fragment_layers(num_layers: int, num_fragments: int, layout: str = "strided"
     if num_fragments < 1 or num_layers % num_fragments:
         raise UserError(f"{num_fragments} fragments cannot split {num_layers} layers evenly; use "
                         f"a divisor of {num_layers} for method.fragments")
-    if layout not in LAYOUTS:
-        raise UserError(f"fragment layout '{layout}' is not one of {LAYOUTS}")
+    if layout not in FRAGMENT_LAYOUTS:
+        raise UserError(f"fragment layout '{layout}' is not one of {FRAGMENT_LAYOUTS}")
     if layout == "strided":
         return [list(range(p, num_layers, num_fragments)) for p in range(num_fragments)]
     size = num_layers // num_fragments

@@ -98,7 +98,7 @@ def inspect_program(program: Program,
 
 
 def format_report(report: dict) -> str:
-    """`inspect_program` output as text: the sizes, then one `format_table` per step kind."""
+    """`inspect_program` output as text: the sizes, then one `format_table` per step plan."""
     mesh = report["mesh"]
     nominal = "nominal " if report["timed_syncs"] else ""
     per_step = ("replica bytes per step" if report["method"] == "ddp"

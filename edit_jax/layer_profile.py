@@ -105,19 +105,24 @@ def measure_profile(cfg: Config, vocab_size: int, params_shapes: Params, num_rep
         forward_seconds=whole_forward)
 
 
-def saved_profile_path(cfg: Config) -> Path | None:
-    """The profile file a run uses: `method.layer_profile` if given, else the one saved in the
-    run directory (so a resumed run keeps its schedule); None: measure."""
+def saved_profile_path(cfg: Config, resumable: bool = True) -> Path | None:
+    """The profile file to use: `method.layer_profile` if given; else, for a run that will
+    resume (`resumable` and checkpoints in its directory), the one it saved, so that it keeps
+    its schedule; None: measure. A multi-process run's directory is shared, as for its
+    checkpoints, so every process reads the same file."""
     if cfg.method.layer_profile:
         return Path(cfg.method.layer_profile)
-    saved = Path(cfg.run.run_dir) / PROFILE_FILE
-    return saved if saved.is_file() else None
+    run_dir = Path(cfg.run.run_dir)
+    saved = run_dir / PROFILE_FILE
+    checkpoints = run_dir / "checkpoints"
+    resuming = resumable and checkpoints.is_dir() and any(checkpoints.iterdir())
+    return saved if resuming and saved.is_file() else None
 
 
 def run_profile(cfg: Config, vocab_size: int, params_shapes: Params, num_replicas: int,
-                num_shards: int) -> UnitProfile:
+                num_shards: int, resumable: bool = True) -> UnitProfile:
     """dreamddp's profile: read from `saved_profile_path`, else measured now."""
-    path = saved_profile_path(cfg)
+    path = saved_profile_path(cfg, resumable)
     if path is not None:
         profile = load_profile(path)
         expected = cfg.model.n_layers + 1

@@ -108,6 +108,9 @@ class Method:
     def from_config(cls, cfg: MethodConfig, num_layers: int,
                     period: tuple[Units, ...] = ()) -> Method:
         """`period`: the partial methods' schedule (schedule.py), one set of units per step."""
+        if RULES[cfg.name] is SyncRule.PARTIAL and len(period) != cfg.sync_every:
+            raise ValueError(f"{cfg.name} needs its schedule: one set of units per step of a "
+                             f"period of {cfg.sync_every} (layer_profile.unit_schedule)")
         layers = fragment_layers(num_layers, cfg.fragments, cfg.fragment_layout)
         fragments = tuple(frozenset(f) | ({REST_UNIT} if p == len(layers) - 1 else frozenset())
                           for p, f in enumerate(layers))
@@ -159,9 +162,6 @@ class Method:
         else:
             sync, apply = self._due(local_index + 1), frozenset()
         return StepPlan(StepKind.SYNC, sync, apply) if sync or apply else LOCAL_PLAN
-
-    def kind(self, step: int) -> StepKind:
-        return self.plan(step).kind
 
     def begins_local_phase(self, step: int) -> bool:
         """Whether phi <- theta happens before step `step`."""

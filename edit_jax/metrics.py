@@ -52,7 +52,7 @@ class MetricsLog:
         if self.tensorboard is not None:
             group = "sync" if row.get("sync") else "eval" if "eval_loss" in row else "train"
             for key, value in row.items():
-                if key in ("step", "sync"):
+                if key in ("step", "sync") or isinstance(value, str):  # names are not scalars
                     continue
                 for suffix, number in (enumerate(value) if isinstance(value, list)
                                        else [(None, value)]):

@@ -11,9 +11,8 @@ from typing import NamedTuple
 import jax
 import optax
 
+from edit_jax.model import Params
 from edit_jax.outer import PenaltyState
-
-Params = dict
 
 
 class OuterState(NamedTuple):

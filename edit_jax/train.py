@@ -30,7 +30,7 @@ from edit_jax.config import Config, to_dict
 from edit_jax.elastic import restore
 from edit_jax.errors import UserError
 from edit_jax.layer_profile import PROFILE_FILE
-from edit_jax.methods import StepKind, StepPlan
+from edit_jax.methods import StepPlan, SyncRule
 from edit_jax.metrics import MetricsLog, write_atomically
 from edit_jax.optimizer import lr_schedule
 from edit_jax.peers import Watchdog, barrier, collective_errors
@@ -71,14 +71,18 @@ class StopRequest:
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops now
 
-    def agreed(self, meeting: bool) -> bool:
+    def agreed(self, meeting: bool, state) -> bool:
         """Whether to stop now. One process stops at the first step after the request. Several
         must stop (and save) together, so they agree only where they meet anyway (`meeting`:
-        a sync, a log row or a checkpoint), and a local step carries no collective."""
+        a sync, a log row or a checkpoint), and a local step carries no collective. The
+        agreement waits for `state` first: the CPU client may otherwise run its all-gather
+        alongside the step's own collectives, in another order on each process."""
         if jax.process_count() == 1:
             return self.requested
-        return meeting and bool(np.any(multihost_utils.process_allgather(
-            np.array(self.requested))))
+        if not meeting:
+            return False
+        jax.block_until_ready(state)
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -102,9 +106,6 @@ def train(cfg: Config) -> dict:
     program = build_program(cfg, vocab_size)
     layout = program.layout
     log(program.describe())
-    if program.profile is not None and jax.process_index() == 0:  # a resume keeps the schedule
-        if not (run_dir / PROFILE_FILE).is_file():
-            save_profile(program.profile, run_dir / PROFILE_FILE)
 
     iterator = data_lib.train_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
                                        process_count=jax.process_count())
@@ -122,6 +123,10 @@ def train(cfg: Config) -> dict:
         log(f"resumed from step {start} in {run_dir}")
     else:
         state = program.init_state()
+    profile_file = run_dir / PROFILE_FILE
+    if program.profile is not None and jax.process_index() == 0 and (
+            not start or not profile_file.is_file()):  # what a resume reads, to keep the schedule
+        save_profile(program.profile, profile_file)
     if jax.process_index() == 0:  # the resolved config, for `edit-jax plot` and other readers
         write_atomically(run_dir / "config.json", json.dumps(to_dict(cfg), indent=1) + "\n")
 
@@ -250,7 +255,9 @@ class _Loop:
         self.traffic.add(plan)
         self.bar.update(self.step - before)
         if "sync_weights" in step_metrics:
-            self.metrics.write({**_sync_row(self.step, step_metrics), **self.progress()})
+            self.metrics.write({**_sync_row(self.step, step_metrics),
+                                "units": plan.name(self.program.method.num_layers),
+                                **self.progress()})
         logged = _crossed(before, self.step, run.log_every) or self.step == run.steps
         if logged:
             started, first_step = self.interval
@@ -260,7 +267,10 @@ class _Loop:
             self.interval = (time.perf_counter(), self.step)
         if _crossed(before, self.step, run.eval_every) or self.step == run.steps:
             self.eval_loss = self.evaluate()
-        self.save_or_stop(before, meeting=logged or plan.kind is StepKind.SYNC)
+        # Processes meet at outer syncs anyway; plsgd/dreamddp average something every step, where
+        # an extra agreement per step would cost more than it saves.
+        meets = bool(plan.sync) and self.program.method.rule is not SyncRule.PARTIAL
+        self.save_or_stop(before, meeting=logged or meets)
 
     def advance(self) -> tuple[dict, StepPlan]:
         """One step, or for a_edit past its warm-up one round of local steps and a sync."""
@@ -329,7 +339,7 @@ class _Loop:
         (where they meet: `meeting`, or a checkpoint)."""
         run, step = self.cfg.run, self.step
         due = step == run.steps or _crossed(before, step, run.checkpoint_every)
-        stopping = self.stop.agreed(meeting or due)
+        stopping = self.stop.agreed(meeting or due, self.state)
         self.ckpt.save(step, self.state, config=self.config_dict, data_iterator=self.iterator,
                        force=stopping or due)
         if stopping:

@@ -4,10 +4,10 @@
                                    [--before results/memory.json] [key=value ...]
 
 For each case (a config and a mesh, CASES below) it builds the run's Program exactly as
-`edit-jax inspect` does, compiles every step kind the method runs from abstract values (nothing
+`edit-jax inspect` does, compiles every step plan the method runs from abstract values (nothing
 is allocated; about 15-20 s a case) and reads XLA's buffer assignment per device
 (`inspect_hlo.memory_stats`: peak = arguments + outputs + temporaries - aliased). The table gives
-the largest peak over the step kinds, split into the step's arguments (parameters, AdamW and
+the largest peak over the step plans, split into the step's arguments (parameters, AdamW and
 outer state, batch) and temporaries (activations, gathered layers, logits, gradients), next to
 the sizes of the terms that dominated before (the full float32 logits and attention scores) and
 the one that dominates now (the layer inputs remat=full saves for the backward pass; the CPU
@@ -68,7 +68,8 @@ def _measure_here(config: str, overrides: list[str]) -> dict:
     start = time.perf_counter()
     program = build_program(cfg, cfg.model.vocab_size)
     compiled = compile_steps(program)
-    steps = {kind.value: memory_stats(step) for kind, step in compiled.items()}
+    steps = {plan.name(program.method.num_layers): memory_stats(step)
+             for plan, step in compiled.items()}
     worst = max(steps, key=lambda k: steps[k]["peak"])
     mesh = program.layout.mesh
     rows_per_device = cfg.data.global_batch_size // (mesh.shape["replica"] * mesh.shape["shard"])
@@ -119,7 +120,7 @@ def main() -> None:
 
     report = {"note": "per-device compiled memory (XLA buffer assignment) of the train steps on "
                       "fake CPU devices; peak = argument + output + temp - alias, largest over "
-                      "the step kinds the method runs",
+                      "the step plans the method runs",
               "results": results}
     if args.before:
         prev = json.loads(Path(args.before).read_text())

@@ -134,10 +134,11 @@ def main() -> None:
             row["vs_ddp"] = row["final_eval_loss"] - baseline["final_eval_loss"]
         delta = f"{row['vs_ddp']:+7.4f}" if "vs_ddp" in row else f"{'-':>7}"
         sent = row["replica_bytes"]
-        mean, peak = row["replica_bytes_per_step"], row["replica_bytes_peak_per_step"]
+        mean, peak = (row.get(f"replica_bytes{k}_per_step") for k in ("", "_peak"))
         print(f"{row['label']:<44} | {row['final_eval_loss']:8.4f} | {delta} | "
               f"{row['tokens']:>10,} | {'-' if sent is None else f'{sent:,.0f}':>14} | "
-              f"{mean:>11,.0f} | {peak:>11,.0f}")
+              f"{'-' if mean is None else f'{mean:,.0f}':>11} | "
+              f"{'-' if peak is None else f'{peak:,.0f}':>11}")
     write_report({"config": args.config or "tiny", "steps": args.steps, "runs": rows}, out)
     if args.plots != "none":
         from edit_jax.plot import load_runs, save_plot

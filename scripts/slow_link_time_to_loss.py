@@ -19,7 +19,7 @@ bytes each run really sent, assuming communication does not overlap compute. Wal
 each run's loop, evaluation included (the same schedule for every method),
 compilation excluded: before its measured run, each method runs a short one (its warm-up, two
 sync periods and an evaluation) that fills JAX's persistent compilation cache, so no method pays
-for compiling more step kinds than another. Resumable by method: one recorded in `--out` with
+for compiling more step plans than another. Resumable by method: one recorded in `--out` with
 the same settings is not rerun; an interrupted one is measured again from the start, since its
 link bytes must come from one run.
 """
@@ -110,9 +110,11 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     methods = [method_spec(spec) for spec in args.methods.split(",")]
-    labels = [label for label, _, _ in methods]
-    if "a_edit" in labels and "edit" not in labels[:labels.index("a_edit")]:
-        raise SystemExit("a_edit's sync interval comes from edit's step time: list edit first")
+    names = [name for _, name, _ in methods]
+    if "a_edit" in names and "edit" not in [label for label, _, _ in methods][
+            :names.index("a_edit")]:
+        raise SystemExit("a_edit's sync interval comes from edit's step time: list plain edit "
+                         "first")
 
     os.environ.update({  # every process compiles into and loads from one persistent cache
         "JAX_COMPILATION_CACHE_DIR": str(Path(args.runs_dir).resolve() / "jax_cache"),

@@ -8,6 +8,7 @@ import pytest
 from edit_jax.checkpoint import Checkpointer
 from edit_jax.config import load_config
 from edit_jax.elastic import restore
+from edit_jax.errors import UserError
 from edit_jax.program import build_program
 from runs import EDIT, SMALL, VOCAB, final_state, train
 
@@ -78,3 +79,7 @@ def test_resume_at_the_end_of_warmup_restarts_from_replica_0(tmp_path):
         assert not np.array_equal(np.asarray(theta_saved)[0], np.asarray(phi))  # phi: initial
         for r in range(4):
             np.testing.assert_array_equal(np.asarray(theta)[r], np.asarray(theta_saved)[0])
+    # Same replica count, other state shapes (fragments add rows of sync counts): not elastic
+    # resume but a changed run, refused in one line rather than silently restarted from phi.
+    with pytest.raises(UserError, match="method.fragments"):
+        _restored(tmp_path, 2, [*EDIT, "method.sync_every=4", "method.fragments=2"], [])

@@ -279,13 +279,14 @@ def test_local_sgd_and_the_averaging_identity():
     _assert_replicas_equal(id_state, ref_id_thetas, 1e-4)
 
 
-def test_schedule_of_step_kinds():
+def test_schedule_of_step_plans():
     program = build_program(_config(EDIT), VOCAB)
-    kinds = [program.method.kind(t) for t in range(STEPS)]
+    kinds = [program.method.plan(t).kind for t in range(STEPS)]
     D, L, S = StepKind.DDP, StepKind.LOCAL, StepKind.SYNC
     assert kinds == [D, D, L, L, L, S, L, L, S, L, L]
+    assert program.method.plan(5) == program.method.full_sync  # every unit at once
     diloco = build_program(_config(dataclasses.replace(EDIT, name="diloco")), VOCAB)
-    assert [diloco.method.kind(t) for t in range(STEPS)] == [D, D, L, L, S, L, L, S, L, L, S]
+    assert [diloco.method.plan(t).kind for t in range(STEPS)] == [D, D, L, L, S, L, L, S, L, L, S]
 
 
 def test_step_weighted_sync_with_unequal_local_steps_equals_reference():

@@ -126,7 +126,7 @@ def test_edit_saves_without_changing_the_trajectory_and_resumes_exactly(tmp_path
 
 
 def _check_replica_bytes(rows, resumed_rows):
-    """Every row's cumulative replica bytes are the compiled HLO's bytes of each step kind
+    """Every row's cumulative replica bytes are the compiled HLO's bytes of each step plan
     times the steps of that kind run so far (EDIT: 2 DDP steps, then a sync at the start of
     steps 5 and 8, 0-based), in the straight run and across the resume alike."""
     from edit_jax.config import load_config
