@@ -165,7 +165,8 @@ def main() -> None:
         over = r["link_over_hlo"]
         m = r[modelled_key]
         r["modelled_vs_ddp"] = m / modelled_base if m and modelled_base else None
-        m_text = "-" if m is None else f"{m:.1f}s ({r['modelled_vs_ddp']:.2f})"
+        m_ratio = r["modelled_vs_ddp"]
+        m_text = "-" if m is None else f"{m:.1f}s" + (f" ({m_ratio:.2f})" if m_ratio else "")
         print(f"{method:<{width}}{r['final_eval_loss']:>10.4f}"
               f"{'-' if t is None else f'{t:.1f}s':>16}{'-' if ratio is None else f'{ratio:.2f}':>8}"
               f"{r['wall_time']:>10.1f}s{r['median_step_time']:>10.3f}s"
