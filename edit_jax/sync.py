@@ -235,7 +235,7 @@ class OuterSync:
         rest_phi, _ = split_units(outer.phi)
         synced = self.sync_unit(self.rest_tx, rest_theta, rest_phi, outer.rest, extra,
                                 self._unit_dims()[0])
-        return {**theta, **_use_value(rest_theta, synced[0])}, synced
+        return {**theta, **synced[0]}, synced
 
     def layer_sync(self, outer: OuterState, extra: dict) -> LayerSync:
         """The per-layer sync run inside the model's layer scan (EDiT); per-layer outputs are
@@ -245,7 +245,7 @@ class OuterSync:
         def fn(theta_l: Params, xs):
             phi_l, state_l = xs
             synced = self.sync_unit(self.layer_tx, theta_l, phi_l, state_l, extra, layer_dims)
-            return _use_value(theta_l, synced[0]), synced
+            return synced[0], synced
 
         return LayerSync(fn, (outer.phi[LAYER_GROUP], outer.layers))
 
@@ -257,13 +257,11 @@ class OuterSync:
         fragment = self.fragment_index(units)
         extra, totals = self.sync_inputs(theta, outer, replica_steps, units, fragment)
         selection = self.select(units)
-        rest_dims, layer_dims = self._unit_dims()
-        new_theta, phi, rest_state, layer_state = dict(theta), dict(outer.phi), outer.rest, outer.layers
+        layer_dims = self._unit_dims()[1]
+        new_theta, phi = dict(theta), dict(outer.phi)
+        rest_state, layer_state = outer.rest, outer.layers
         if selection.rest:
-            rest_theta, _ = split_units(theta)
-            rest_new, rest_phi, rest_state = self.sync_unit(
-                self.rest_tx, rest_theta, split_units(outer.phi)[0], outer.rest, extra, rest_dims)
-            new_theta.update(rest_new)
+            new_theta, (_, rest_phi, rest_state) = self.sync_rest(theta, outer, extra)
             phi.update(rest_phi)
         if selection.has_layers:
             layers_new, layers_phi, layers_state = jax.vmap(
