@@ -66,13 +66,13 @@ class LocalReplicas:
 
     def split(self, state: TrainState) -> TrainState:
         """The local replicas' params, optimizer state and step counts, on the local mesh."""
-        return jax.tree.map(self._relabel, state.replica_varying(), self.layout.state_shardings)
+        return jax.tree.map(self._relabel, state.local_part(), self.layout.state_shardings)
 
     def join(self, local: TrainState, state: TrainState) -> TrainState:
         """`state` with the local replicas' part replaced by `local` (on the global mesh)."""
         joined = jax.tree.map(self._relabel, local,
-                              self.global_layout.state_shardings.replica_varying())
-        return joined._replace(outer=state.outer)
+                              self.global_layout.state_shardings.local_part())
+        return joined._replace(outer=state.outer, residual=state.residual)
 
     def batch(self, rows: np.ndarray) -> jax.Array:
         """This process's rows of a global batch, laid out over the local mesh."""

@@ -115,8 +115,9 @@ class Checkpointer:
         (every process reads the same stream of global batches, data.py).
         """
         step_dir = self._step_dir(step)
-        items = {"state": ocp.args.StandardRestore(target), "config": ocp.args.JsonRestore()}
+        items = {"state": None, "config": ocp.args.JsonRestore()}
         _require_items(step_dir, [*items, *(["data"] if data_iterator is not None else [])])
+        items["state"] = ocp.args.StandardRestore(_present(target, self.saved_state_shapes(step)))
         data_file = None
         if data_iterator is not None:
             data_file = self._data_state_file(step_dir)
@@ -133,7 +134,8 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
             if data_file is not None:
                 data_iterator.set_state(json.loads(data_file.read_text()))
-        return restored["state"], restored["config"]
+        state = restored["state"]
+        return (type(target)(**state) if isinstance(state, dict) else state), restored["config"]
 
     def saved_state_shapes(self, step: int, *, like=None):
         """ShapeDtypeStructs (no shardings) of the state saved at `step`, read from metadata only.
@@ -264,6 +266,17 @@ def _reason(e: Exception) -> str:
 def _name(path) -> str:
     """A key path as Orbax spells it, e.g. `opt_state.1.0.mu.embed`."""
     return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _present(target, saved):
+    """The restore target for a checkpoint whose state is `saved` (its metadata tree): a
+    NamedTuple target as a dict without the fields that are None here and absent there (a field
+    added since, such as `TrainState.residual`, so that older checkpoints still restore); else
+    `target` itself."""
+    if not (hasattr(target, "_fields") and isinstance(saved, dict)) or set(target._fields) <= set(
+            saved):
+        return target
+    return {f: v for f, v in target._asdict().items() if f in saved or v is not None}
 
 
 def _arrange_like(saved, like, step_dir: Path):

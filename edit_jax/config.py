@@ -24,6 +24,7 @@ DTYPES = ("float32", "bfloat16")
 METHODS = ("ddp", "local_sgd", "post_local_sgd", "plsgd", "dreamddp", "diloco", "edit", "a_edit")
 FRAGMENT_METHODS = ("diloco", "edit")  # the methods with streaming fragments
 FRAGMENT_LAYOUTS = ("strided", "sequential")
+COMPRESSIONS = ("none", "int8", "fp8", "int4")
 PENALTY_METHODS = ("edit", "a_edit")  # the layer-wise sync with the pseudo-gradient penalty
 NORM_GRANULARITIES = ("global", "layer")
 DATA_SOURCES = ("bundled", "files", "tfds")
@@ -101,7 +102,8 @@ class MethodConfig:
     replica's own clock. The outer optimizer (SGD with Nesterov momentum) and the
     shard-over-replica option apply to diloco, edit and a_edit; the pseudo-gradient penalty
     (anomaly, weighting, clip, step weighting) to edit and a_edit; streaming fragments to diloco
-    and edit; the link and the layer profile to dreamddp's schedule.
+    and edit; the link and the layer profile to dreamddp's schedule; compression (8- or 4-bit
+    codes with fp32 scales, optional error feedback) to every method's syncs but ddp's.
     """
 
     name: str = "edit"  # ddp | local_sgd | post_local_sgd | plsgd | dreamddp | diloco | edit | a_edit
@@ -128,6 +130,9 @@ class MethodConfig:
     link_gbps: float = 1.0  # dreamddp: the slow link between replicas, for communication times
     link_latency_ms: float = 10.0
     layer_profile: str = ""  # dreamddp: JSON of per-layer times; "" = measure on these devices
+    compression: str = "none"  # none | int8 | fp8 | int4: the codes a sync moves over `replica`
+    compression_block: int = 256  # values per fp32 scale
+    error_feedback: bool = False  # each replica re-sends what quantization dropped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,6 +319,18 @@ def validate(c: Config) -> None:
     _require(0.0 <= k.fragment_alpha <= 1.0, "method.fragment_alpha", "must be in [0, 1]")
     _require(k.link_gbps > 0, "method.link_gbps", "must be positive")
     _require(k.link_latency_ms >= 0, "method.link_latency_ms", "must be >= 0")
+    _require(k.compression in COMPRESSIONS, "method.compression",
+             f"'{k.compression}' is not one of {COMPRESSIONS}")
+    compressed = k.compression != "none"
+    _require(not compressed or k.name != "ddp", "method.compression",
+             "compresses the syncs of the local methods; ddp averages fp32 gradients every step")
+    _require(not (compressed and k.shard_outer_over_replica), "method.compression",
+             "needs pseudo-gradients on the wire, but shard_outer_over_replica exchanges "
+             "parameters; set method.shard_outer_over_replica=false")
+    _require(k.compression_block >= 2 and k.compression_block % 2 == 0,
+             "method.compression_block", "must be an even number >= 2")
+    _require(not k.error_feedback or compressed, "method.error_feedback",
+             "needs method.compression (int8, fp8 or int4)")
     for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
                 "keep_checkpoints", "barrier_timeout_seconds"):
         _require(getattr(r, key) > 0, f"run.{key}", "must be positive")

@@ -6,7 +6,7 @@ carry over; every replica restarts from phi once the local phase has begun (from
 during the synchronous warm-up, when all replicas are equal); the inner optimizer state (AdamW
 moments and step counts) comes from replica 0 and every replica's step counter is the
 checkpoint's step; the penalty statistics (per-replica means and variances, sync count)
-start afresh; the data position is that
+and the error-feedback residuals start afresh; the data position is that
 of the checkpoint's process 0 when the process count changed too (checkpoint.py).
 """
 
@@ -79,6 +79,8 @@ def restore(ckpt: Checkpointer, step: int, program: Program, iterator, log=print
         state = jax.tree.map(lambda x: jax.tree.map(jnp.zeros_like, x) if isinstance(
             x, AnomalyStats) else x, state, is_leaf=lambda x: isinstance(x, AnomalyStats))
         state = state._replace(replica_steps=jnp.full_like(state.replica_steps, steps))
+        if state.residual is not None:  # what each old replica still owed belongs to no one now
+            state = state._replace(residual=jax.tree.map(jnp.zeros_like, state.residual))
         if from_phi:
             outer = state.outer
             synced = jnp.full_like(outer.synced_steps, steps)  # every fragment, every replica

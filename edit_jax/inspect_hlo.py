@@ -80,6 +80,13 @@ class CollectiveRow:
     wire_bytes: int           # per execution, see the module docstring
     executions: int           # times it runs per program run (product of loop trip counts)
     exact: bool               # False: a loop had no known trip count or the op is in a branch
+    operand_dtypes: tuple[tuple[str, int], ...] = ()  # (element type, operand bytes) pairs
+
+    def bytes_by_dtype(self, wire: bool = False) -> dict[str, int]:
+        """Payload (or wire) bytes per program run, split over element types by operand bytes."""
+        total = self.total_wire_bytes if wire else self.bytes
+        operand = sum(b for _, b in self.operand_dtypes)
+        return {dtype: total * b // operand for dtype, b in self.operand_dtypes} if operand else {}
 
     @property
     def axis(self) -> str:
@@ -189,7 +196,12 @@ def _parse_module(text: str) -> tuple[dict, dict[str, list[_Instr]], str]:
 
 def shape_bytes(shape: str) -> int:
     """Bytes of an HLO shape string; tuples add their elements, layouts are ignored."""
-    total_bits = 0
+    return sum(shape_bytes_by_dtype(shape).values())
+
+
+def shape_bytes_by_dtype(shape: str) -> dict[str, int]:
+    """Bytes of an HLO shape string per element type ('f32', 's8', 'u8', 'f8e4m3fn', ...)."""
+    bits_by_dtype: dict[str, int] = {}
     for dtype, dims in _ARRAY_RE.findall(re.sub(r"\{[^{}]*\}", "", shape)):
         if dtype not in _DTYPE_BITS:
             if dtype.startswith("f8") or dtype.startswith("f4") or dtype.startswith("f6"):
@@ -199,8 +211,8 @@ def shape_bytes(shape: str) -> int:
         else:
             bits = _DTYPE_BITS[dtype]
         count = math.prod(int(d.lstrip("<=")) for d in dims.split(",") if d.strip())
-        total_bits += bits * count
-    return (total_bits + 7) // 8
+        bits_by_dtype[dtype] = bits_by_dtype.get(dtype, 0) + bits * count
+    return {dtype: (bits + 7) // 8 for dtype, bits in bits_by_dtype.items() if bits}
 
 
 def _iota_ids(text: str) -> np.ndarray:
@@ -384,11 +396,15 @@ def collective_stats_from_text(text: str, mesh: jax.sharding.Mesh) -> list[Colle
     for name, (comp, instr, executions, exact) in counts.items():
         kind = instr.opcode.removesuffix("-start")
         groups = _device_groups(instr, kind, header)
-        operand = sum(shape_bytes(shapes[o]) for o in instr.operands)
+        by_dtype: dict[str, int] = {}
+        for o in instr.operands:
+            for dtype, b in shape_bytes_by_dtype(shapes[o]).items():
+                by_dtype[dtype] = by_dtype.get(dtype, 0) + b
+        operand = sum(by_dtype.values())
         n = max((len(g) for g in groups), default=1)
         payload, wire = _sizes(kind, operand, n)
         rows.append(CollectiveRow(name, kind, comp, _group_axes(groups, mesh), n, payload, wire,
-                                  executions, exact))
+                                  executions, exact, tuple(sorted(by_dtype.items()))))
     return rows
 
 
@@ -434,19 +450,27 @@ def summarize(rows: Iterable[CollectiveRow]) -> dict:
     Each bucket has 'bytes' (payload), 'wire_bytes', 'ops' (ops in the program) and
     'executions' (op runs, loops counted). 'exact' is False when some count is an upper bound
     or a guess (loop without a known trip count, op inside a conditional branch).
+    'replica_by_dtype' splits the bytes of the ops spanning `replica` by element type.
     """
     by_axis = {label: _zero() for label in AXIS_LABELS}
     by_kind = {kind: _zero() for kind in KINDS}
+    replica_by_dtype: dict[str, dict] = {}
     total = _zero()
     exact = True
     for row in rows:
+        if "replica" in row.axes:
+            for dtype, b in row.bytes_by_dtype().items():
+                bucket = replica_by_dtype.setdefault(dtype, {"bytes": 0, "wire_bytes": 0})
+                bucket["bytes"] += b
+                bucket["wire_bytes"] += row.bytes_by_dtype(wire=True)[dtype]
         for bucket in (by_axis.setdefault(row.axis, _zero()), by_kind[row.kind], total):
             bucket["bytes"] += row.bytes
             bucket["wire_bytes"] += row.total_wire_bytes
             bucket["ops"] += 1
             bucket["executions"] += row.executions
         exact = exact and row.exact
-    return {"by_axis": by_axis, "by_kind": by_kind, "total": total, "exact": exact}
+    return {"by_axis": by_axis, "by_kind": by_kind, "total": total, "exact": exact,
+            "replica_by_dtype": dict(sorted(replica_by_dtype.items()))}
 
 
 def memory_stats(compiled) -> dict:

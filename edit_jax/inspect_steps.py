@@ -4,21 +4,23 @@
 delayed outer steps land) from abstract values (no arrays are allocated) and reports, from the
 optimized HLO (inspect_hlo.py), bytes per mesh axis and op kind, memory, the outer state's size
 per device, and the replica bytes per step over a sync period: their mean and their peak
-(streaming fragments lower the peak, not the mean).
+(streaming fragments lower the peak, not the mean). A compressed run (method.compression) also
+gets its wire bytes by element type, the error-feedback residual's size and, from the same
+config compiled in fp32, the saving.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from statistics import mean
 
 import jax
-import jax.numpy as jnp
 
 from edit_jax.inspect_hlo import (collective_stats, format_table, human_bytes, memory_stats,
                                   summarize)
 from edit_jax.methods import Method, StepPlan
-from edit_jax.program import Program
+from edit_jax.program import Program, build_program
 
 
 def sync_period(method: Method) -> list[StepPlan]:
@@ -27,25 +29,10 @@ def sync_period(method: Method) -> list[StepPlan]:
     return [method.plan(step) for step in range(start, start + method.sync_every)]
 
 
-def step_plans(method: Method) -> list[StepPlan]:
-    """The step plans `method` runs: those of its warm-up and of its sync periods, in order of
-    first use."""
-    end = method.warmup_steps + 2 * method.sync_every + method.fragment_delay
-    return list(dict.fromkeys(method.plan(step) for step in range(end)))
-
-
-def compile_step(program: Program, plan: StepPlan) -> jax.stages.Compiled:
-    """Compile the train step of one plan from abstract values only (nothing is allocated; a
-    step already compiled for the same shapes comes from JAX's compilation cache)."""
-    cfg = program.cfg
-    batch = jax.ShapeDtypeStruct((cfg.data.global_batch_size, cfg.data.seq_len + 1), jnp.int32,
-                                 sharding=program.layout.batch_sharding)
-    return program.train_step(plan).lower(program.abstract_state(), batch).compile()
-
-
 def compile_steps(program: Program) -> dict[StepPlan, jax.stages.Compiled]:
-    """Compile the train step of every plan the method runs, from abstract values only."""
-    return {plan: compile_step(program, plan) for plan in step_plans(program.method)}
+    """The compiled train step of every plan the method runs (compiled from abstract values
+    only, once per program: the executables a run executes)."""
+    return {plan: program.compiled_step(plan) for plan in program.method.plans()}
 
 
 def bytes_per_device(tree) -> int:
@@ -61,14 +48,26 @@ def replica_traffic(summary: dict) -> dict[str, int]:
             for name, key in (("replica_bytes", "bytes"), ("replica_wire_bytes", "wire_bytes"))}
 
 
+def _fp32_twin(program: Program) -> Program:
+    """The same run with uncompressed syncs (what a compressed run saves against)."""
+    method = dataclasses.replace(program.cfg.method, compression="none", error_feedback=False)
+    return build_program(dataclasses.replace(program.cfg, method=method), program.vocab_size,
+                         list(program.layout.mesh.devices.flat), program.profile)
+
+
 def inspect_program(program: Program,
-                    compiled: dict[StepPlan, jax.stages.Compiled] | None = None) -> dict:
+                    compiled: dict[StepPlan, jax.stages.Compiled] | None = None,
+                    compare_fp32: bool = True) -> dict:
     """Communication and memory per device of a run's train steps (`compile_steps` output, or
     compiled here), plus its parameter and outer-state sizes.
 
     'replica_bytes' of a step counts every collective whose groups span `replica`;
     'replica_bytes_per_step' averages it over the steps of a sync period (every step for ddp),
-    'replica_bytes_peak_per_step' is the largest of them.
+    'replica_bytes_peak_per_step' is the largest of them; 'replica_wire_bytes_by_dtype_per_step'
+    splits the mean wire bytes by element type. With compression (and `compare_fp32`) the same
+    config is compiled with fp32 syncs: 'fp32_replica_wire_bytes_per_step' and the
+    'compression_saving' factor, on wire bytes (the payload convention counts a quantized
+    all-reduce's all-to-all and all-gather at full size each, an all-reduce once).
     """
     compiled = compile_steps(program) if compiled is None else compiled
     mesh = program.layout.mesh
@@ -80,6 +79,16 @@ def inspect_program(program: Program,
                                         "memory": memory_stats(step)}
     period = [steps[plan.name(num_layers)] for plan in sync_period(program.method)]
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(program.params_shapes))
+    by_dtype: dict[str, float] = {}
+    for step in period:
+        for dtype, b in step["collectives"]["replica_by_dtype"].items():
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + b["wire_bytes"] / len(period)
+    wire = mean(step["replica_wire_bytes"] for step in period)
+    compression = {}
+    if program.cfg.method.compression != "none" and compare_fp32:
+        fp32 = inspect_program(_fp32_twin(program), compare_fp32=False)
+        compression = {"fp32_replica_wire_bytes_per_step": fp32["replica_wire_bytes_per_step"],
+                       "compression_saving": fp32["replica_wire_bytes_per_step"] / wire}
     return {
         "method": program.method.name,
         "mesh": dict(mesh.shape),
@@ -88,11 +97,15 @@ def inspect_program(program: Program,
         "param_bytes": param_bytes,
         "param_bytes_per_shard": param_bytes / mesh.shape["shard"],
         "outer_state_bytes_per_device": bytes_per_device(program.abstract_state().outer),
+        "error_feedback_bytes_per_device": bytes_per_device(program.abstract_state().residual),
+        "compression": program.cfg.method.compression,
         "sync_every": program.method.sync_every,
         "timed_syncs": program.method.timed,  # a_edit: tau is nominal, syncs follow the clock
         "replica_bytes_per_step": mean(step["replica_bytes"] for step in period),
         "replica_bytes_peak_per_step": max(step["replica_bytes"] for step in period),
-        "replica_wire_bytes_per_step": mean(step["replica_wire_bytes"] for step in period),
+        "replica_wire_bytes_per_step": wire,
+        "replica_wire_bytes_by_dtype_per_step": by_dtype,
+        **compression,
         "steps": steps,
     }
 
@@ -109,12 +122,20 @@ def format_report(report: dict) -> str:
     sizes = [("parameter bytes", report["param_bytes"]),
              ("parameter bytes / S", report["param_bytes_per_shard"]),
              ("outer state", report["outer_state_bytes_per_device"]),
+             ("error-feedback residual", report["error_feedback_bytes_per_device"]),
              (per_step, report["replica_bytes_per_step"]),
              ("  peak of one step", report["replica_bytes_peak_per_step"]),
              ("  ring wire bytes", report["replica_wire_bytes_per_step"])]
+    sizes += [(f"    of them {dtype}", b)
+              for dtype, b in report["replica_wire_bytes_by_dtype_per_step"].items()]
+    if "compression_saving" in report:
+        sizes.append(("  wire bytes with fp32 syncs", report["fp32_replica_wire_bytes_per_step"]))
     width = max(len(name) for name, _ in sizes)
     lines = [header] + [f"  {name:<{width}}{round(value):>14,}{human_bytes(round(value)):>12}"
                         for name, value in sizes]
+    if "compression_saving" in report:
+        lines.append(f"  {report['compression']} syncs send {report['compression_saving']:.2f}x "
+                     "fewer wire bytes over replica than fp32")
     for name, step in report["steps"].items():
         lines += ["", format_table(step["collectives"], step["memory"], f"{name} step")]
     return "\n".join(lines)

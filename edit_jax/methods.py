@@ -103,6 +103,7 @@ class Method:
     fragments: tuple[Units, ...]  # outer methods: the units of each fragment
     fragment_delay: int = 0
     period: tuple[Units, ...] = ()  # plsgd / dreamddp: the units each step of a period averages
+    anchored: bool = False  # averaging sends theta_r minus the last synced value (compressed)
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, num_layers: int,
@@ -114,8 +115,10 @@ class Method:
         layers = fragment_layers(num_layers, cfg.fragments, cfg.fragment_layout)
         fragments = tuple(frozenset(f) | ({REST_UNIT} if p == len(layers) - 1 else frozenset())
                           for p, f in enumerate(layers))
-        return cls(cfg.name, RULES[cfg.name], cfg.warmup_steps, cfg.sync_every, num_layers,
-                   fragments, cfg.fragment_delay, period)
+        rule = RULES[cfg.name]
+        anchored = cfg.compression != "none" and rule in (SyncRule.AVERAGE, SyncRule.PARTIAL)
+        return cls(cfg.name, rule, cfg.warmup_steps, cfg.sync_every, num_layers, fragments,
+                   cfg.fragment_delay, period, anchored)
 
     @property
     def units(self) -> Units:
@@ -133,14 +136,17 @@ class Method:
 
     @property
     def has_outer_state(self) -> bool:
-        """Whether the train state carries phi and the outer optimizer state."""
-        return self.rule in (SyncRule.OUTER, SyncRule.LAYERWISE)
+        """Whether the train state carries phi and the outer optimizer state (for compressed
+        averaging, phi is the anchor the replicas' differences are taken from)."""
+        return self.rule in (SyncRule.OUTER, SyncRule.LAYERWISE) or self.anchored
 
     @property
     def sends_at_start(self) -> bool:
         """Whether outer syncs run at the start of their step (from its input parameters):
-        edit's always, diloco's when delayed; otherwise after the inner step."""
-        return self.rule is SyncRule.LAYERWISE or self.fragment_delay > 0
+        edit's and compressed DreamDDP's always, diloco's when delayed; otherwise after the
+        inner step."""
+        return (self.rule in (SyncRule.LAYERWISE, SyncRule.PARTIAL)
+                or self.fragment_delay > 0)
 
     def _due(self, sync_point: int) -> Units:
         """The fragment whose sync is due after `sync_point` local steps (empty if none)."""
@@ -162,6 +168,14 @@ class Method:
         else:
             sync, apply = self._due(local_index + 1), frozenset()
         return StepPlan(StepKind.SYNC, sync, apply) if sync or apply else LOCAL_PLAN
+
+    def plans(self, first: int = 0, last: int | None = None) -> list[StepPlan]:
+        """The distinct step plans of steps `first`..`last - 1` (default: every plan the method
+        runs), in order of first use. Past the warm-up the schedule repeats every `sync_every`
+        steps, so two periods (and a delay) past `first` hold every plan."""
+        end = max(first, self.warmup_steps) + 2 * self.sync_every + self.fragment_delay
+        end = end if last is None else min(end, last)
+        return list(dict.fromkeys(self.plan(step) for step in range(first, end)))
 
     def begins_local_phase(self, step: int) -> bool:
         """Whether phi <- theta happens before step `step`."""

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from edit_jax.compression import Compression, quantized_combine
 from edit_jax.errors import UserError
 from edit_jax.optimizer import split_sum_of_squares
 
@@ -43,6 +44,7 @@ class PenaltyState(NamedTuple):
     inner_state: optax.OptState
     weights: jax.Array  # f32[R], the last sync's weights (zeros before the first)
     outliers: jax.Array  # bool[R], the last sync's excluded replicas
+    residual: Any = None  # error feedback: this replica's (it differs between replicas)
 
 
 def init_anomaly_stats(num_replicas: int) -> AnomalyStats:
@@ -199,7 +201,8 @@ def _normalized(scores: jax.Array) -> jax.Array:
 
 
 def combine(delta, weights: jax.Array, *, replica_axis: str):
-    """sum_r weights[r] * delta_r by one psum over `replica_axis`.
+    """sum_r weights[r] * delta_r by one psum over `replica_axis` (in fp32; for 8- or 4-bit
+    codes see `compression.quantized_combine`).
 
     A replica with weight 0 contributes exact zeros, even if its delta holds NaN or inf.
 
@@ -246,8 +249,9 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
                             anomaly: bool = True, weighting: bool = True, clip_norm: float = 1.0,
                             temperature: float = 1.0, alpha: float = 0.02,
                             anomaly_warmup: int = 120, threshold: float = 3.0,
-                            step_weighting: float = 0.0,
-                            replica_split_mask=None) -> optax.GradientTransformationExtraArgs:
+                            step_weighting: float = 0.0, replica_split_mask=None,
+                            compression: Compression | None = None, error_feedback: bool = False
+                            ) -> optax.GradientTransformationExtraArgs:
     """EDiT's pseudo-gradient penalty around `outer_optimizer`; call it once per replica.
 
     `update(delta_r, state, params=phi)` takes this replica's delta_r = phi - theta_r, gathers
@@ -262,7 +266,9 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
     section 4), and `step_weighting` mixes them into the weights; the softmax weights and the
     clipping keep the raw norms (see `penalty_weights`). Without `steps` the test uses raw norms.
     With `anomaly=False, weighting=False, clip_norm=0` it is plain parameter averaging (replicas
-    with non-finite deltas are still left out).
+    with non-finite deltas are still left out). With `compression` the combination moves 8- or
+    4-bit codes (`compression.quantized_combine`); the norms, hence the weights, the outlier
+    test and the clipping, still come from the uncompressed deltas (or the given `norms`).
 
     Args:
         outer_optimizer: the optimizer applied to the combined pseudo-gradient.
@@ -284,6 +290,11 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
             every replica's delta of this device's piece of phi (`params` is that piece), and
             the mask says which leaves' pieces are split over `replica_axis` (the rest are whole
             copies on every replica). Norms and the combination are then computed locally.
+        compression: quantize the combination (compression.py); not with the stacked layout,
+            whose all-to-all carries parameters, not pseudo-gradients.
+        error_feedback: with `compression`, the state carries this replica's residual (what
+            quantization dropped, re-sent next time; `quantized_combine`): it differs between
+            replicas, so keep the state per replica.
 
     Returns:
         An `optax.GradientTransformationExtraArgs` whose state is a `PenaltyState`.
@@ -316,12 +327,18 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
         raise UserError(f"step_weighting must be in [0, 1], got {step_weighting}")
     outer = optax.with_extra_args_support(outer_optimizer)
     stacked = replica_split_mask is not None
+    if stacked and compression is not None:
+        raise UserError("compression needs pseudo-gradients on the wire, but an outer state split "
+                        "over replicas exchanges parameters; drop one of the two")
+    if error_feedback and compression is None:
+        raise UserError("error_feedback needs a compression to feed back")
 
     def init_fn(params) -> PenaltyState:
         return PenaltyState(stats=init_anomaly_stats(num_replicas),
                             inner_state=outer.init(params),
                             weights=jnp.zeros((num_replicas,), jnp.float32),
-                            outliers=jnp.zeros((num_replicas,), bool))
+                            outliers=jnp.zeros((num_replicas,), bool),
+                            residual=optax.tree.zeros_like(params) if error_feedback else None)
 
     def update_fn(updates, state: PenaltyState, params=None, *, norms: jax.Array | None = None,
                   steps: jax.Array | None = None, **extra_args: Any) -> tuple[Any, PenaltyState]:
@@ -340,10 +357,14 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
             norms, state.stats, anomaly=anomaly, weighting=weighting, temperature=temperature,
             alpha=alpha, anomaly_warmup=anomaly_warmup, threshold=threshold, steps=steps,
             step_weighting=step_weighting)
+        residual = state.residual
         if stacked:
             combined = stacked_combine(updates, weights)
-        else:
+        elif compression is None:
             combined = combine(updates, weights, replica_axis=replica_axis)
+        else:
+            combined, residual = quantized_combine(updates, weights, replica_axis=replica_axis,
+                                                   compression=compression, residual=residual)
         combined = clip_by_norm(combined, clip_norm, shard_axis=shard_axis,
                                 sharded_mask=sharded_mask, replica_axis=replica_axis,
                                 replica_split_mask=replica_split_mask)
@@ -351,7 +372,7 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
         skip = jnp.all(outliers)
         new_updates = optax.tree.where(skip, optax.tree.zeros_like(new_updates), new_updates)
         inner_state = optax.tree.where(skip, state.inner_state, inner_state)
-        return new_updates, PenaltyState(stats, inner_state, weights, outliers)
+        return new_updates, PenaltyState(stats, inner_state, weights, outliers, residual)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

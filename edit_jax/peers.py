@@ -75,9 +75,9 @@ class Watchdog:
     """Stops this process when a guarded wait lasts longer than `timeout_s` (multi-process).
 
     Guard the waits for device results and peers (`with watchdog.guard("step 7"):`), not
-    compilation: a hung collective shows up as a wait that never ends. `paused()` lifts the
-    guard for a compilation inside a guarded region; the guard restarts after it. Use the
-    watchdog itself as a context manager to run its thread.
+    compilation (a run compiles its steps before its loop, `Program.precompile`): a hung
+    collective shows up as a wait that never ends. Use the watchdog itself as a context manager
+    to run its thread.
     """
 
     def __init__(self, timeout_s: float, enabled: bool | None = None):
@@ -102,15 +102,6 @@ class Watchdog:
             yield
         finally:
             self._deadline = None
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        guarded, self._deadline = self._deadline is not None, None
-        try:
-            yield
-        finally:
-            if guarded:
-                self._deadline = time.monotonic() + self.timeout_s
 
     def _watch(self) -> None:
         while not self._done.wait(min(1.0, self.timeout_s / 10)):

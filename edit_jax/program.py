@@ -11,6 +11,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from edit_jax.config import PENALTY_METHODS, Config
@@ -67,11 +68,34 @@ class Program:
         return {}
 
     def train_step(self, plan: StepPlan):
-        """The jitted step of this plan (built once, compiled on first use)."""
+        """The jitted step of this plan (built once)."""
         if plan not in self._train_steps:
             self._train_steps[plan] = make_train_step(self.graphdef, self.tx, self.layout, plan,
                                                       self.method, self.outer)
         return self._train_steps[plan]
+
+    @functools.cached_property
+    def _compiled_steps(self) -> dict:
+        return {}
+
+    def compiled_step(self, plan: StepPlan,
+                      batch_shape: tuple[int, int] | None = None) -> jax.stages.Compiled:
+        """The step of this plan compiled ahead of time from abstract values (nothing is
+        allocated), once per batch shape (default: the config's, (global batch, seq_len + 1)):
+        what `step` runs, what `edit-jax inspect` and the byte counts read."""
+        shape = batch_shape or (self.cfg.data.global_batch_size, self.cfg.data.seq_len + 1)
+        if (plan, shape) not in self._compiled_steps:
+            batch = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.layout.batch_sharding)
+            self._compiled_steps[plan, shape] = self.train_step(plan).lower(
+                self.abstract_state(), batch).compile()
+        return self._compiled_steps[plan, shape]
+
+    def precompile(self, first: int, last: int) -> None:
+        """Compile now every step plan that steps `first`..`last - 1` run, so that none of them
+        waits for the compiler (and a run's wall time is training, not compiling)."""
+        for plan in self.method.plans(first, last):
+            if not (self.method.timed and plan.kind is StepKind.LOCAL):  # a_edit.py runs those
+                self.compiled_step(plan)
 
     @functools.cached_property
     def eval_step(self):
@@ -90,12 +114,14 @@ class Program:
         if self.begin_local_phase is not None and self.method.begins_local_phase(step):
             state = self.begin_local_phase(state)
         plan = self.method.plan(step)
-        state, metrics = self.train_step(plan)(state, batch)
+        state, metrics = self.compiled_step(plan, batch.shape)(state, batch)
         return state, metrics, plan
 
 
-def build_program(cfg: Config, vocab_size: int, devices=None) -> Program:
-    """Check the config against the devices and build the layout and step functions."""
+def build_program(cfg: Config, vocab_size: int, devices=None,
+                  profile: UnitProfile | None = None) -> Program:
+    """Check the config against the devices and build the layout and step functions;
+    `profile`: dreamddp's layer times, if already known (else loaded or measured)."""
     mesh = make_mesh(cfg.mesh, devices)
     replicas, shards = mesh.shape["replica"], mesh.shape["shard"]
     if cfg.data.global_batch_size % (replicas * shards):
@@ -105,8 +131,8 @@ def build_program(cfg: Config, vocab_size: int, devices=None) -> Program:
     graphdef, params_shapes = abstract_model(cfg.model, vocab_size)
     sharded_mask = is_sharded(shard_dims(params_shapes, shards))
     tx = inner_optimizer(cfg.optimizer, cfg.run.steps, sharded_mask)
-    profile, period = None, ()
-    if cfg.method.name == "dreamddp":
+    period = ()
+    if cfg.method.name == "dreamddp" and profile is None:
         profile = run_profile(cfg, vocab_size, params_shapes, replicas, shards)
     if RULES[cfg.method.name] is SyncRule.PARTIAL:
         period = unit_schedule(cfg, profile)
@@ -117,6 +143,7 @@ def build_program(cfg: Config, vocab_size: int, devices=None) -> Program:
                                            replicas)
                         if cfg.method.shard_outer_over_replica else None)
         outer = OuterSync.create(cfg.method, replicas, method.fragments, sharded_mask,
-                                 penalty=method.name in PENALTY_METHODS, replica_dims=replica_dims)
+                                 penalty=method.name in PENALTY_METHODS, replica_dims=replica_dims,
+                                 averaging=method.anchored)
     return Program(cfg, vocab_size, graphdef, params_shapes, tx, method, outer,
                    make_layout(mesh, params_shapes, tx, outer), profile)

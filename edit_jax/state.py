@@ -16,8 +16,9 @@ from edit_jax.outer import PenaltyState
 
 
 class OuterState(NamedTuple):
-    """What diloco, edit and a_edit keep besides the replicas' parameters; the same on every
-    replica. The synced units (sync.py) are the non-layer parameters and each decoder layer."""
+    """What diloco, edit and a_edit (and compressed local SGD and DreamDDP, as their anchor)
+    keep besides the replicas' parameters; the same on every replica. The synced units
+    (sync.py) are the non-layer parameters and each decoder layer."""
 
     phi: Params  # the global parameters
     rest: PenaltyState  # the non-layer unit's outer optimizer state and penalty statistics
@@ -32,7 +33,8 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState  # the inner optimizer's, per replica (its counters too)
     replica_steps: jax.Array  # i32[R]: inner steps each replica has taken
     outer: OuterState | None = None  # methods with an outer optimizer only
+    residual: Params | None = None  # error feedback: what quantization dropped, per replica
 
-    def replica_varying(self) -> TrainState:
-        """The part that differs between replicas (a_edit moves it between meshes)."""
-        return self._replace(outer=None)
+    def local_part(self) -> TrainState:
+        """The part a local step changes (a_edit moves it between meshes)."""
+        return self._replace(outer=None, residual=None)

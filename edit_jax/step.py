@@ -10,6 +10,8 @@ step; they differ in the step's plan (methods.py):
          inside the forward pass (the non-layer unit just before it); fragments and delayed
          syncs run from the step's input; DiLoCo's outer step and local SGD's averaging run
          after the inner update; DreamDDP averages the step's input parameters.
+Compressed local SGD and DreamDDP average from an anchor through the outer sync (sync.py), at
+the same places; error feedback's residuals ride in `TrainState.residual`.
 """
 
 from __future__ import annotations
@@ -71,8 +73,10 @@ def stack_replicas(params: Params, num_replicas: int) -> Params:
 def _fresh_state(params: Params, num_replicas: int, tx: optax.GradientTransformation,
                  outer: OuterSync | None) -> TrainState:
     stacked = stack_replicas(params, num_replicas)
+    feedback = outer is not None and outer.error_feedback
     return TrainState(stacked, jax.vmap(tx.init)(stacked), jnp.zeros((num_replicas,), jnp.int32),
-                      None if outer is None else outer.init(params))
+                      None if outer is None else outer.init(params),
+                      jax.tree.map(jnp.zeros_like, stacked) if feedback else None)
 
 
 def make_layout(mesh: jax.sharding.Mesh, params_shapes: Params, tx: optax.GradientTransformation,
@@ -83,7 +87,8 @@ def make_layout(mesh: jax.sharding.Mesh, params_shapes: Params, tx: optax.Gradie
         lambda p: jax.vmap(tx.init)(stack_replicas(p, mesh.shape["replica"])), params_shapes)
     state_specs = TrainState(specs, optimizer_specs(tx, opt_shapes, specs, P("replica")),
                              P("replica"),
-                             None if outer is None else outer_specs(outer, params_shapes, dims))
+                             None if outer is None else outer_specs(outer, params_shapes, dims),
+                             specs if outer is not None and outer.error_feedback else None)
     return Layout(mesh, dims, state_specs)
 
 
@@ -151,7 +156,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
     sharded_mask = is_sharded(layout.dims)
     num_shards = layout.num_shards
     rule = method.rule if method is not None and plan.kind is StepKind.SYNC else SyncRule.NONE
-    outer_sync = rule in (SyncRule.OUTER, SyncRule.LAYERWISE) and bool(plan.sync)
+    outer_sync = bool(plan.sync) and (rule in (SyncRule.OUTER, SyncRule.LAYERWISE)
+                                      or (rule is not SyncRule.NONE and method.anchored))
     if (outer_sync or plan.apply) and outer is None:
         raise ValueError(f"the {rule.value} sync needs an OuterSync")
     in_scan = (outer_sync and rule is SyncRule.LAYERWISE and plan.sync == method.units
@@ -162,51 +168,53 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
     def local_step(state: TrainState, tokens_bxT1):
         outer_state = state.outer
         theta = _unstack(state.params)
+        residual = None if state.residual is None else _unstack(state.residual)
         metrics = {}
         if in_scan:
             extra, totals = outer.sync_inputs(theta, outer_state, state.replica_steps, plan.sync)
             metrics["sync_local_steps"] = extra["steps"].astype(jnp.int32)
             metrics["replica_steps"] = totals + 1  # after this step
         elif at_start:  # from the step's input: no data dependency on this step's compute
-            synced, outer_state, metrics["sync_local_steps"] = outer.sync_units(
-                theta, outer_state, state.replica_steps, plan.sync)
+            synced, outer_state, metrics["sync_local_steps"], residual = outer.sync_units(
+                theta, outer_state, state.replica_steps, plan.sync, residual)
             metrics.update(_sync_metrics(outer_state, plan.sync))
-            if not method.fragment_delay:  # the synced values take part in this step
-                theta = synced
+            if not method.fragment_delay and rule is not SyncRule.PARTIAL:
+                theta = synced  # the synced values take part in this step
 
         def replica_loss_part(params):
             # Each device's share of its replica's mean loss; the all-gather's transpose sums
             # the shares' gradients over `shard`, giving the gradient of the replica mean.
             layer_sync, rest = None, None
             if in_scan:
-                params, rest = outer.sync_rest(params, outer_state, extra)
-                layer_sync = outer.layer_sync(outer_state, extra)
+                params, rest = outer.sync_rest(params, outer_state, extra, residual)
+                layer_sync = outer.layer_sync(outer_state, extra, residual)
             loss, layer_outs = loss_fn(graphdef, params, tokens_bxT1, gather, layer_sync)
             return loss / num_shards, (layer_outs, rest)
 
         (loss_part, (layer_outs, rest)), grads = jax.value_and_grad(
             replica_loss_part, has_aux=True)(theta)
         if in_scan:  # every replica continues from the new phi
-            theta, outer_state = assemble(rest, layer_outs,
-                                          outer_state.synced_steps.at[0].set(totals))
+            theta, outer_state, residual = assemble(rest, layer_outs,
+                                                    outer_state.synced_steps.at[0].set(totals))
             metrics.update(_sync_metrics(outer_state, plan.sync))
         if plan.kind is StepKind.DDP:
             grads = jax.lax.pmean(grads, "replica")
         if rule is SyncRule.PARTIAL:  # the update starts from the averaged input parameters
-            theta = average_units(theta, plan.sync, method.num_layers)
+            theta = synced if outer_sync else average_units(theta, plan.sync, method.num_layers)
         grad_norm = sharded_global_norm(grads, sharded_mask)
         updates, opt_state = tx.update(grads, _unstack(state.opt_state), theta)
         theta = optax.apply_updates(theta, updates)
         replica_steps = state.replica_steps + 1
-        if rule is SyncRule.AVERAGE:
+        if rule is SyncRule.AVERAGE and not outer_sync:
             theta = average_units(theta, plan.sync, method.num_layers)
         elif at_end:
-            theta, outer_state, metrics["sync_local_steps"] = outer.sync_units(
-                theta, outer_state, replica_steps, plan.sync)
+            theta, outer_state, metrics["sync_local_steps"], residual = outer.sync_units(
+                theta, outer_state, replica_steps, plan.sync, residual)
             metrics.update(_sync_metrics(outer_state, plan.sync))
         if plan.apply:  # a delayed fragment's outer step lands
             theta = outer.apply_units(theta, outer_state, plan.apply)
-        new_state = TrainState(_stack(theta), _stack(opt_state), replica_steps, outer_state)
+        new_state = TrainState(_stack(theta), _stack(opt_state), replica_steps, outer_state,
+                               None if residual is None else _stack(residual))
         # Per replica (averaged on the host): a collective here would tie the replicas together.
         metrics["loss"] = jax.lax.psum(loss_part, "shard")[None]
         metrics["grad_norm"] = grad_norm[None]

@@ -13,6 +13,13 @@ runs through `sync_units`, per layer under `vmap` over the selected layers. Loca
 DreamDDP only average (`average_units`); a delayed fragment's outer step is blended in later by
 `apply_units`.
 
+With `method.compression` the combination moves 8- or 4-bit codes (compression.py). Syncs that
+average parameters (local SGD, DreamDDP) then send theta_r's difference from the units' last
+synced value instead of theta_r itself: an `OuterSync` with plain averaging, outer learning rate
+1 and no momentum, whose phi is that anchor. With `method.error_feedback` each replica keeps
+what quantization dropped (`TrainState.residual`; compression.quantized_combine) and sends
+it with the next sync. The penalty judges the uncompressed pseudo-gradients.
+
 What every unit's sync shares is gathered once, by scalar collectives only (`sync_inputs`): the
 local steps each replica ran since the synced fragment's last sync (always passed to the
 penalty: its anomaly test judges norms per local step, so an A-EDiT replica that ran more steps
@@ -30,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from edit_jax.compression import Compression
 from edit_jax.config import MethodConfig
 from edit_jax.fragments import blend
 from edit_jax.methods import REST_UNIT, Units
@@ -140,15 +148,22 @@ class OuterSync:
     fragments: tuple[Units, ...]  # the units of each fragment (one: the whole model)
     alpha: float  # the replica continues from alpha * theta_r + (1 - alpha) * phi
     replica_dims: Params | None  # per parameter: the shard dimension split over `replica`
+    error_feedback: bool  # replicas carry what quantization dropped into the next sync
 
     @classmethod
     def create(cls, cfg: MethodConfig, num_replicas: int, fragments: tuple[Units, ...],
-               sharded_mask: Params, penalty: bool,
-               replica_dims: Params | None = None) -> OuterSync:
+               sharded_mask: Params, penalty: bool, replica_dims: Params | None = None,
+               averaging: bool = False) -> OuterSync:
         """penalty=False: plain averaging of pseudo-gradients (DiLoCo); `fragments`: the units
-        of each fragment (methods.Method.fragments)."""
-        sgd = optax.sgd(cfg.outer_lr, momentum=cfg.outer_momentum or None,
-                        nesterov=cfg.nesterov and cfg.outer_momentum > 0)
+        of each fragment (methods.Method.fragments); `averaging`: phi <- the replicas' mean
+        (outer learning rate 1, no momentum: compressed local SGD and DreamDDP)."""
+        if averaging:
+            sgd = optax.sgd(1.0)
+        else:
+            sgd = optax.sgd(cfg.outer_lr, momentum=cfg.outer_momentum or None,
+                            nesterov=cfg.nesterov and cfg.outer_momentum > 0)
+        compression = (None if cfg.compression == "none"
+                       else Compression(cfg.compression, cfg.compression_block))
         rest_mask, layer_mask = split_units(sharded_mask)
         split_masks = (split_units(jax.tree.map(lambda d: d != NOT_SHARDED, replica_dims))
                        if replica_dims is not None else (None, None))
@@ -161,11 +176,12 @@ class OuterSync:
                 temperature=cfg.temperature, alpha=cfg.anomaly_alpha,
                 anomaly_warmup=cfg.anomaly_warmup, threshold=cfg.anomaly_threshold,
                 step_weighting=cfg.step_weighting if penalty else 0.0,
-                replica_split_mask=split_mask)
+                replica_split_mask=split_mask, compression=compression)
 
         return cls(make(rest_mask, split_masks[0]), make(layer_mask, split_masks[1]),
                    penalty and cfg.norm_granularity == "global", sharded_mask, num_replicas,
-                   fragments, cfg.fragment_alpha, replica_dims)
+                   fragments, cfg.fragment_alpha, replica_dims,
+                   cfg.error_feedback and compression is not None)
 
     def init(self, phi: Params, replica_steps: jax.Array | None = None) -> OuterState:
         """Fresh outer state at phi; `replica_steps` (i32[R], default zeros) counts as synced
@@ -185,8 +201,9 @@ class OuterSync:
         return UnitSelection.of(units, self.num_layers)
 
     def fragment_index(self, units: Units) -> int:
-        """The fragment these units form."""
-        return self.fragments.index(units)
+        """The fragment these units form; 0 for a set that is none (DreamDDP's schedule, whose
+        syncs then share one count of local steps, used by the metrics only)."""
+        return self.fragments.index(units) if units in self.fragments else 0
 
     def sync_inputs(self, theta: Params, outer: OuterState, replica_steps: jax.Array,
                     units: Units, fragment: int = 0) -> tuple[dict, jax.Array]:
@@ -206,74 +223,95 @@ class OuterSync:
                                            sharded_mask=selection.view(self.sharded_mask, True))
         return extra, totals
 
-    def sync_unit(self, tx, theta: Params, phi: Params, state, extra: dict, replica_dims):
-        """(new theta, new phi, new outer state) of one unit, from this replica's shard theta;
-        the new theta is phi blended with theta by `alpha`, typed as varying over `replica`
-        like theta (`_use_value`): a replica-invariant value would make the gradient of a step
-        that differentiates through it be summed over replicas."""
+    def _unit(self, group: str):
+        """(outer transformation, replica dims) of the 'rest' or 'layers' unit kind; the
+        layers' dims are those of one layer."""
+        rest_dims, layer_dims = (None, None) if self.replica_dims is None else split_units(
+            self.replica_dims)
+        return (self.rest_tx, rest_dims) if group == "rest" else (self.layer_tx, layer_dims)
+
+    def sync_unit(self, group: str, theta: Params, phi: Params, state, extra: dict,
+                  residual: Params | None = None):
+        """(new theta, new phi, new outer state, new residual) of one unit of kind `group`
+        ('rest' or 'layers'), from this replica's shard theta; the new theta is phi blended with
+        theta by `alpha`, typed as varying over `replica` like theta (`_use_value`): a
+        replica-invariant value would make the gradient of a step that differentiates through it
+        be summed over replicas. `residual`: this replica's error-feedback residual of the unit
+        (kept in `TrainState.residual`, not in the shared outer state), or None."""
+        tx, replica_dims = self._unit(group)
         if replica_dims is None:
             delta = jax.tree.map(jnp.subtract, phi, theta)
         else:
             delta = jax.tree.map(lambda p, t, d: p[None] - _to_pieces(t, d, self.num_replicas),
                                  phi, theta, replica_dims)
-        updates, state = tx.update(delta, state, phi, **extra)
+        updates, state = tx.update(delta, state._replace(residual=residual), phi, **extra)
+        residual, state = state.residual, state._replace(residual=None)
         phi = optax.apply_updates(phi, updates)
         new_theta = _use_value(theta, blend(theta, self._whole(phi, replica_dims), self.alpha))
-        return new_theta, phi, state
+        return new_theta, phi, state, residual
 
     @staticmethod
     def _whole(phi: Params, replica_dims) -> Params:
         """This replica's shard of phi (all-gathered over `replica` when split over it)."""
         return phi if replica_dims is None else jax.tree.map(_from_piece, phi, replica_dims)
 
-    def _unit_dims(self):
-        return (None, None) if self.replica_dims is None else split_units(self.replica_dims)
-
-    def sync_rest(self, theta: Params, outer: OuterState, extra: dict):
-        """Sync the non-layer unit: (params to use, (new theta, new phi, new state) of it)."""
+    def sync_rest(self, theta: Params, outer: OuterState, extra: dict,
+                  residual: Params | None = None):
+        """Sync the non-layer unit: (params to use, (new theta, new phi, new state, new
+        residual) of it); `residual`: the whole residual tree, or None."""
         rest_theta, _ = split_units(theta)
         rest_phi, _ = split_units(outer.phi)
-        synced = self.sync_unit(self.rest_tx, rest_theta, rest_phi, outer.rest, extra,
-                                self._unit_dims()[0])
+        rest_residual = None if residual is None else split_units(residual)[0]
+        synced = self.sync_unit("rest", rest_theta, rest_phi, outer.rest, extra, rest_residual)
         return {**theta, **synced[0]}, synced
 
-    def layer_sync(self, outer: OuterState, extra: dict) -> LayerSync:
+    def layer_sync(self, outer: OuterState, extra: dict,
+                   residual: Params | None = None) -> LayerSync:
         """The per-layer sync run inside the model's layer scan (EDiT); per-layer outputs are
-        (new theta, new phi, new outer state)."""
-        layer_dims = self._unit_dims()[1]
+        (new theta, new phi, new outer state, new residual)."""
 
         def fn(theta_l: Params, xs):
-            phi_l, state_l = xs
-            synced = self.sync_unit(self.layer_tx, theta_l, phi_l, state_l, extra, layer_dims)
+            synced = self.sync_unit("layers", theta_l, *xs[:2], extra, *xs[2:])
             return synced[0], synced
 
-        return LayerSync(fn, (outer.phi[LAYER_GROUP], outer.layers))
+        states = (outer.phi[LAYER_GROUP], outer.layers)
+        if residual is not None:
+            states += (residual[LAYER_GROUP],)
+        return LayerSync(fn, states)
 
     def sync_units(self, theta: Params, outer: OuterState, replica_steps: jax.Array,
-                   units: Units) -> tuple[Params, OuterState, jax.Array]:
+                   units: Units, residual: Params | None = None
+                   ) -> tuple[Params, OuterState, jax.Array, Params | None]:
         """The outer step of `units` (a fragment, or the whole model) at once, outside the layer
         scan: (theta with those units' new values, new outer state, the local steps per replica
-        since the fragment's last sync)."""
+        since the fragment's last sync, the new residual)."""
         fragment = self.fragment_index(units)
         extra, totals = self.sync_inputs(theta, outer, replica_steps, units, fragment)
         selection = self.select(units)
-        layer_dims = self._unit_dims()[1]
-        new_theta, phi = dict(theta), dict(outer.phi)
+        new_theta, phi, new_residual = dict(theta), dict(outer.phi), residual
         rest_state, layer_state = outer.rest, outer.layers
         if selection.rest:
-            new_theta, (_, rest_phi, rest_state) = self.sync_rest(theta, outer, extra)
+            new_theta, (_, rest_phi, rest_state, rest_residual) = self.sync_rest(
+                theta, outer, extra, residual)
             phi.update(rest_phi)
+            if residual is not None:
+                new_residual = {**residual, **rest_residual}
         if selection.has_layers:
-            layers_new, layers_phi, layers_state = jax.vmap(
-                lambda t, p, s: self.sync_unit(self.layer_tx, t, p, s, extra, layer_dims))(
-                    selection.take(theta[LAYER_GROUP]), selection.take(outer.phi[LAYER_GROUP]),
-                    selection.take(outer.layers))
+            take = selection.take
+            layer_residual = None if residual is None else take(residual[LAYER_GROUP])
+            layers_new, layers_phi, layers_state, layers_residual = jax.vmap(
+                lambda *xs: self.sync_unit("layers", *xs[:3], extra, *xs[3:]))(
+                    take(theta[LAYER_GROUP]), take(outer.phi[LAYER_GROUP]), take(outer.layers),
+                    *([] if residual is None else [layer_residual]))
             new_theta[LAYER_GROUP] = selection.put(theta[LAYER_GROUP], layers_new)
             phi[LAYER_GROUP] = selection.put(outer.phi[LAYER_GROUP], layers_phi)
             layer_state = selection.put(outer.layers, layers_state)
+            if residual is not None:
+                new_residual = {**new_residual, LAYER_GROUP: selection.put(
+                    residual[LAYER_GROUP], layers_residual)}
         synced = outer.synced_steps.at[fragment].set(totals)
         return (new_theta, OuterState(phi, rest_state, layer_state, synced),
-                totals - outer.synced_steps[fragment])
+                totals - outer.synced_steps[fragment], new_residual)
 
     def apply_units(self, theta: Params, outer: OuterState, units: Units) -> Params:
         """A delayed fragment's outer step lands: its units continue from phi, blended with
@@ -281,17 +319,19 @@ class OuterSync:
         selection = self.select(units)
         phi = selection.view(outer.phi)
         if self.replica_dims is not None:  # all-gather the selected units' pieces only
-            rest_dims, layer_dims = self._unit_dims()
+            rest_dims, layer_dims = split_units(self.replica_dims)
             phi = {k: (jax.vmap(lambda p: self._whole(p, layer_dims))(v) if k == LAYER_GROUP
                        else self._whole(v, rest_dims[k])) for k, v in phi.items()}
         return selection.merge(theta, blend(selection.view(theta), phi, self.alpha))
 
 
-def assemble(rest, layers, synced_steps: jax.Array) -> tuple[Params, OuterState]:
-    """(theta, outer state) from the (new theta, new phi, new state) of both units."""
+def assemble(rest, layers, synced_steps: jax.Array) -> tuple[Params, OuterState, Params | None]:
+    """(theta, outer state, residual) from the (new theta, new phi, new state, new residual) of
+    both unit kinds."""
     theta = {**rest[0], LAYER_GROUP: layers[0]}
     phi = {**rest[1], LAYER_GROUP: layers[1]}
-    return theta, OuterState(phi, rest[2], layers[2], synced_steps)
+    residual = None if rest[3] is None else {**rest[3], LAYER_GROUP: layers[3]}
+    return theta, OuterState(phi, rest[2], layers[2], synced_steps), residual
 
 
 def average_units(theta: Params, units: Units, num_layers: int) -> Params:

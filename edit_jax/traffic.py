@@ -11,7 +11,7 @@ schedule ran between that row and the checkpoint.
 from __future__ import annotations
 
 from edit_jax.inspect_hlo import collective_stats, summarize
-from edit_jax.inspect_steps import compile_step, replica_traffic
+from edit_jax.inspect_steps import replica_traffic
 from edit_jax.methods import StepPlan
 from edit_jax.program import Program
 
@@ -29,7 +29,7 @@ class ReplicaTraffic:
     def figures(self, plan: StepPlan) -> dict[str, int]:
         """Bytes one step of `plan` sends per device, from its compiled HLO."""
         if plan not in self.per_plan:
-            compiled = compile_step(self.program, plan)
+            compiled = self.program.compiled_step(plan)
             self.per_plan[plan] = replica_traffic(
                 summarize(collective_stats(compiled, self.program.layout.mesh)))
         return self.per_plan[plan]

@@ -206,19 +206,22 @@ class _Loop:
                  ckpt: Checkpointer, metrics: MetricsLog):
         self.program, self.state, self.iterator = program, state, iterator
         self.eval_batches, self.ckpt, self.metrics = eval_batches, ckpt, metrics
-        self.cfg, layout = program.cfg, program.layout
         self.steps = _Steps(state)  # the run's step: the checkpoint's on a resume
+        # Before the clock starts: wall time is training, not compiling.
+        program.precompile(self.step, program.cfg.run.steps)
+        self.eval_step = program.eval_step.lower(state.params, eval_batches).compile()
+        self.cfg, layout = program.cfg, program.layout
         self.tokens_per_replica_step = (self.cfg.data.global_batch_size // layout.num_replicas
                                         * self.cfg.data.seq_len)
         self.straggler = Straggler.for_replicas(self.cfg.straggler, layout.num_replicas,
                                                 local_replica_indices(layout.mesh))
         self.local_phase = LocalPhase(program, self.straggler) if program.method.timed else None
         self.watchdog = Watchdog(self.cfg.run.barrier_timeout_seconds)
+        self.traffic = ReplicaTraffic(program)
+        self.traffic.resume(metrics.kept, self.step)
         # The rows' wall_time: seconds in this run's loops, continued across resumes.
         resumed_at = [r["wall_time"] for r in metrics.kept if "wall_time" in r]
         self.started = time.perf_counter() - (resumed_at[-1] if resumed_at else 0.0)
-        self.traffic = ReplicaTraffic(program)
-        self.traffic.resume(metrics.kept, self.step)
         self.schedule = lr_schedule(self.cfg.optimizer, self.cfg.run.steps)
         self.config_dict = to_dict(self.cfg)  # saved with every checkpoint
 
@@ -295,7 +298,7 @@ class _Loop:
                 f"the sync after step {step}")
         started = time.perf_counter()
         plan = program.method.full_sync
-        self.state, step_metrics = program.train_step(plan)(self.state, self.next_batch())
+        self.state, step_metrics = program.compiled_step(plan)(self.state, self.next_batch())
         with self.watchdog.guard(f"the sync after step {step}"):
             self.straggler.after_step(step_metrics["loss"], started)
         return step_metrics, plan
@@ -327,8 +330,8 @@ class _Loop:
                 / step_time}
 
     def evaluate(self, record: bool = True) -> float:
-        with self.watchdog.paused():  # the first call compiles
-            loss = float(self.program.eval_step(self.state.params, self.eval_batches))
+        with self.watchdog.guard(f"the evaluation at step {self.step}"):
+            loss = float(self.eval_step(self.state.params, self.eval_batches))
         if record:
             self.metrics.write({"step": self.step, "eval_loss": loss, **self.progress()})
         log(f"step {self.step}: eval loss {loss:.4f}")

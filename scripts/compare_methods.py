@@ -13,7 +13,8 @@ after colons (`diloco:fragments=2:fragment_delay=1`). The script is resumable: a
 recorded runs an invocation does not plan stay in `--out`, so the invocations of a sweep add up.
 Each row has the final validation loss, its difference to ddp's, the tokens, the cumulative
 bytes each device sent over `replica` (from the compiled HLO, see `metrics.jsonl`), and the
-mean and peak replica bytes per step over a sync period (`edit-jax inspect`'s figures). The PNGs
+mean and peak replica bytes per step over a sync period and the mean wire bytes per step
+(`edit-jax inspect`'s figures; compressed syncs are compared on wire bytes). The PNGs
 (`edit-jax plot`) show loss against tokens and against replica bytes; loss against wall time
 over a slow link comes from `scripts/slow_link_time_to_loss.py`.
 """
@@ -68,14 +69,16 @@ def final_row(run_dir: Path) -> dict:
 
 
 def step_bytes(cfg) -> dict:
-    """The compiled program's replica bytes per step, mean and peak over a sync period."""
+    """The compiled program's replica bytes per step, mean and peak over a sync period, and the
+    mean wire bytes (what a compressed sync saves is counted in them, see inspect_steps)."""
     from edit_jax.inspect_steps import inspect_program
     from edit_jax.program import build_program
     from edit_jax.tokenizer import load_tokenizer
 
     vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).vocab_size
-    report = inspect_program(build_program(cfg, vocab_size))
-    return {key: report[key] for key in ("replica_bytes_per_step", "replica_bytes_peak_per_step")}
+    report = inspect_program(build_program(cfg, vocab_size), compare_fp32=False)
+    return {key: report[key] for key in ("replica_bytes_per_step", "replica_bytes_peak_per_step",
+                                         "replica_wire_bytes_per_step")}
 
 
 def main() -> None:
@@ -128,17 +131,19 @@ def main() -> None:
 
     baseline = next((r for r in rows if r["method"] == BASELINE), None)
     print(f"{'run':<44} | {'val loss':>8} | {'vs ddp':>7} | {'tokens':>10} | {'replica bytes':>14}"
-          f" | {'B/step mean':>11} | {'B/step peak':>11}")
+          f" | {'B/step mean':>11} | {'B/step peak':>11} | {'wire B/step':>11}")
     for row in rows:
         if baseline is not None:
             row["vs_ddp"] = row["final_eval_loss"] - baseline["final_eval_loss"]
         delta = f"{row['vs_ddp']:+7.4f}" if "vs_ddp" in row else f"{'-':>7}"
         sent = row["replica_bytes"]
-        mean, peak = (row.get(f"replica_bytes{k}_per_step") for k in ("", "_peak"))
+        mean, peak, wire = (row.get(f"replica{k}_per_step")
+                            for k in ("_bytes", "_bytes_peak", "_wire_bytes"))
         print(f"{row['label']:<44} | {row['final_eval_loss']:8.4f} | {delta} | "
               f"{row['tokens']:>10,} | {'-' if sent is None else f'{sent:,.0f}':>14} | "
               f"{'-' if mean is None else f'{mean:,.0f}':>11} | "
-              f"{'-' if peak is None else f'{peak:,.0f}':>11}")
+              f"{'-' if peak is None else f'{peak:,.0f}':>11} | "
+              f"{'-' if wire is None else f'{wire:,.0f}':>11}")
     write_report({"config": args.config or "tiny", "steps": args.steps, "runs": rows}, out)
     if args.plots != "none":
         from edit_jax.plot import load_runs, save_plot

@@ -16,19 +16,19 @@ unless `--target` is given; the table gives each method's wall-clock time to it 
 ddp's, measured in one invocation (the seconds are this machine's; the ratios are the result).
 A second, MODELLED column (`--model-mbit`, labelled so) extrapolates to a slower link from the
 bytes each run really sent, assuming communication does not overlap compute. Wall time counts
-each run's loop, evaluation included (the same schedule for every method),
-compilation excluded: before its measured run, each method runs a short one (its warm-up, two
-sync periods and an evaluation) that fills JAX's persistent compilation cache, so no method pays
-for compiling more step plans than another. Resumable by method: one recorded in `--out` with
-the same settings is not rerun; an interrupted one is measured again from the start, since its
-link bytes must come from one run.
+each run's loop, evaluation included (the same schedule for every method), compilation
+excluded: `edit-jax train` compiles every step plan before its loop starts. A run that aborts
+(gloo on CPU sometimes does, see the README's benchmark section) is started again from scratch,
+up to 3 times, and counted under `aborted_runs`. Resumable by method: one recorded in `--out`
+with the same settings is not rerun; an interrupted one is measured again from the start, since
+its link bytes must come from one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import re
 import shutil
 import statistics
 import sys
@@ -42,27 +42,29 @@ from edit_jax.slow_link import SlowLink
 DEVICES_PER_PROCESS = 4
 
 
-def launch(link: SlowLink, settings: list[str], run_dir: Path) -> None:
+ATTEMPTS = 3  # per run: gloo on CPU sometimes aborts a 2-process run (README, Benchmark)
+
+
+def launch(link: SlowLink, settings: list[str], run_dir: Path) -> bool:
+    """Whether the 2-process run in `run_dir` (from scratch) finished."""
+    shutil.rmtree(run_dir, ignore_errors=True)
     commands = train_commands([*settings, f"run.run_dir={run_dir}", "run.progress=false"], 2,
                               DEVICES_PER_PROCESS, f"{link.address(0)}:{LINK_PORT}")
     print(" ".join(settings), file=sys.stderr, flush=True)
-    if run_processes([link.command(i, c) for i, c in enumerate(commands)]):
-        raise SystemExit(f"the run in {run_dir} failed; rerun to resume it")
+    return run_processes([link.command(i, c) for i, c in enumerate(commands)]) == 0
 
 
-def train_once(link: SlowLink, settings: list[str], run_dir: Path, warmup_steps: int) -> dict:
-    """One measured 2-process run over the link, after a short run of `warmup_steps` that
-    compiles everything it will run; its rows and the bytes each process sent on the veth."""
-    scratch = run_dir.with_name(run_dir.name + "-compile")
-    shutil.rmtree(scratch, ignore_errors=True)
-    launch(link, [*settings, f"run.steps={warmup_steps}", f"run.eval_every={warmup_steps}",
-                  f"run.checkpoint_every={warmup_steps}"], scratch)
-    shutil.rmtree(scratch)
-    shutil.rmtree(run_dir, ignore_errors=True)  # measured in one go, or the link bytes are not its
-    before = [link.sent_bytes(i) for i in range(2)]
-    launch(link, settings, run_dir)
-    return {"rows": run_rows(run_dir),
-            "link_sent_bytes": [link.sent_bytes(i) - before[i] for i in range(2)]}
+def train_once(link: SlowLink, settings: list[str], run_dir: Path) -> dict:
+    """One measured 2-process run over the link: its rows, the bytes each process sent on the
+    veth, and how many runs aborted before it (each started again from scratch, up to
+    ATTEMPTS times)."""
+    for aborted in range(ATTEMPTS):
+        before = [link.sent_bytes(i) for i in range(2)]
+        if launch(link, settings, run_dir):
+            return {"rows": run_rows(run_dir), "aborted_runs": aborted,
+                    "link_sent_bytes": [link.sent_bytes(i) - before[i] for i in range(2)]}
+        print(f"{run_dir}: aborted, starting it again", file=sys.stderr, flush=True)
+    raise SystemExit(f"{run_dir} failed {ATTEMPTS} times; see its output above")
 
 
 def summary(run: dict) -> dict:
@@ -75,7 +77,7 @@ def summary(run: dict) -> dict:
             "median_step_time": statistics.median(  # past the first row, where it can
                 r["step_time"] for r in trained[1:] or trained),
             "hlo_replica_bytes_per_process": hlo,
-            "link_sent_bytes": run["link_sent_bytes"],
+            "link_sent_bytes": run["link_sent_bytes"], "aborted_runs": run["aborted_runs"],
             "link_over_hlo": min(run["link_sent_bytes"]) / hlo if hlo else None}
 
 
@@ -116,10 +118,6 @@ def main() -> None:
         raise SystemExit("a_edit's sync interval comes from edit's step time: list plain edit "
                          "first")
 
-    os.environ.update({  # every process compiles into and loads from one persistent cache
-        "JAX_COMPILATION_CACHE_DIR": str(Path(args.runs_dir).resolve() / "jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
     out = Path(args.out)
     recorded = json.loads(out.read_text())["methods"] if out.exists() else {}
     common = ["mesh.replica=2", f"mesh.shard={DEVICES_PER_PROCESS}", f"run.steps={args.steps}",
@@ -137,10 +135,9 @@ def main() -> None:
                 print(f"{label}: recorded, not rerun", file=sys.stderr)
                 results[label] = recorded[label]
                 continue
-            run_dir = Path(args.runs_dir) / label.replace(" ", "_")
-            compile_steps = args.warmup_steps + 3 * args.sync_every + 1  # delayed fragments too
+            run_dir = Path(args.runs_dir) / re.sub(r"[^\w.=-]+", "_", label)  # one directory
             results[label] = {"settings": settings, "run_dir": str(run_dir),
-                              **summary(train_once(link, settings, run_dir, compile_steps))}
+                              **summary(train_once(link, settings, run_dir))}
             write_report({"link_mbit": args.link_mbit, "methods": results}, out)
 
     target = args.target or max(r["final_eval_loss"] for r in results.values())

@@ -52,6 +52,12 @@ def test_overrides_are_typed_and_win(tmp_path):
     (["method.fragment_delay=9"], "'method.fragment_delay': must be in [0, method.sync_every=8]"),
     (["method.fragment_layout=blocks"], "'method.fragment_layout'"),
     (["method.link_gbps=0"], "'method.link_gbps': must be positive"),
+    (["method.compression=int2"], "'method.compression': 'int2' is not one of"),
+    (["method.name=ddp", "method.compression=int8"], "ddp averages fp32 gradients"),
+    (["method.name=diloco", "method.compression=int4", "method.shard_outer_over_replica=true"],
+     "set method.shard_outer_over_replica=false"),
+    (["method.compression=int8", "method.compression_block=7"], "must be an even number >= 2"),
+    (["method.error_feedback=true"], "needs method.compression"),
 ])
 def test_bad_input_is_one_line_naming_the_key(overrides, message):
     with pytest.raises(UserError) as e:

@@ -97,13 +97,24 @@ def test_outer_state_sharded_over_replica():
 
 
 def test_cli_inspect_json(capsys):
-    assert main(["inspect", "--json", *SMALL, "method.name=diloco"]) == 0
+    """A compressed run (int4 with error feedback): its wire bytes by element type, its
+    residual (one more copy of the replica's shard) and its saving against the same run in
+    fp32, compiled alongside."""
+    assert main(["inspect", "--json", *SMALL, "method.name=diloco", "method.compression=int4",
+                 "method.error_feedback=true"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["method"] == "diloco" and out["mesh"] == {"replica": 2, "shard": 4}
     for key in ("param_bytes", "param_bytes_per_shard", "outer_state_bytes_per_device",
                 "replica_bytes_per_step", "device_kind"):
         assert key in out
     assert out["param_bytes_per_shard"] == out["param_bytes"] / 4
+    assert out["error_feedback_bytes_per_device"] == out["param_bytes_per_shard"]
+    by_dtype = out["replica_wire_bytes_by_dtype_per_step"]
+    assert set(by_dtype) >= {"u8", "f32"} and by_dtype["u8"] > 4 * by_dtype["f32"]
+    assert sum(by_dtype.values()) == pytest.approx(out["replica_wire_bytes_per_step"], abs=8)
+    assert 6 < out["compression_saving"] < 8
+    assert out["fp32_replica_wire_bytes_per_step"] == pytest.approx(
+        out["compression_saving"] * out["replica_wire_bytes_per_step"])
     for step in out["steps"].values():
         assert {"replica", "shard", "both"} <= set(step["collectives"]["by_axis"])
         assert step["memory"]["peak"] > 0

@@ -20,7 +20,7 @@ from edit_jax.config import MeshConfig, MethodConfig
 from edit_jax.errors import UserError
 from edit_jax.fragments import blend, fragment_due, fragment_layers
 from edit_jax.inspect_hlo import collective_stats, upstream_opcodes
-from edit_jax.inspect_steps import bytes_per_device, compile_step, inspect_program
+from edit_jax.inspect_steps import bytes_per_device, inspect_program
 from edit_jax.mesh import make_mesh
 from edit_jax.methods import REST_UNIT, Method
 from edit_jax.program import build_program
@@ -86,12 +86,12 @@ def _scalar_run(delay: float, alpha: float, steps: int, name: str = "diloco"):
         g = jnp.array([1.0, 3.0])[jax.lax.axis_index("replica")]
         theta = jax.tree.map(lambda x: x[0], theta)
         if plan.sync and method.sends_at_start:
-            synced, outer_state, _ = outer.sync_units(theta, outer_state, steps_r, plan.sync)
+            synced, outer_state, _, _ = outer.sync_units(theta, outer_state, steps_r, plan.sync)
             theta = theta if delay else synced
         theta = jax.tree.map(lambda x: x - g, theta)
         steps_r = steps_r + 1
         if plan.sync and not method.sends_at_start:
-            theta, outer_state, _ = outer.sync_units(theta, outer_state, steps_r, plan.sync)
+            theta, outer_state, _, _ = outer.sync_units(theta, outer_state, steps_r, plan.sync)
         if plan.apply:
             theta = outer.apply_units(theta, outer_state, plan.apply)
         return jax.tree.map(lambda x: x[None], theta), outer_state, steps_r
@@ -329,7 +329,7 @@ def test_dreamddp_step_moves_exactly_its_units_with_no_dependency_on_compute():
     mesh = program.layout.mesh
     for units in program.method.period:
         plan = program.method.plan(2 + program.method.period.index(units))
-        compiled = compile_step(program, plan)
+        compiled = program.compiled_step(plan)
         rows = [r for r in collective_stats(compiled, mesh) if r.axis == "replica"]
         assert sum(r.payload_bytes * r.executions for r in rows) == sum(sizes[u] for u in units)
         text = compiled.as_text()
@@ -338,7 +338,7 @@ def test_dreamddp_step_moves_exactly_its_units_with_no_dependency_on_compute():
     assert bytes_per_device(program.abstract_state().outer) == 0  # no outer state at all
     local_sgd = build_program(_config(MethodConfig(name="local_sgd", warmup_steps=2,
                                                    sync_every=2)), VOCAB)
-    compiled = compile_step(local_sgd, local_sgd.method.full_sync)
+    compiled = local_sgd.compiled_step(local_sgd.method.full_sync)
     rows = [r for r in collective_stats(compiled, mesh) if r.axis == "replica"]
     assert all("while" in upstream_opcodes(compiled.as_text(), r.name) for r in rows)
 
@@ -354,7 +354,7 @@ def test_streaming_peak_is_one_fragment():
     streaming = build_program(dataclasses.replace(
         _config(dataclasses.replace(base, fragments=2)), model=model), VOCAB)
     full_sync = sum(r.payload_bytes * r.executions for r in collective_stats(
-        compile_step(whole, whole.method.full_sync), whole.layout.mesh) if r.axis == "replica")
+        whole.compiled_step(whole.method.full_sync), whole.layout.mesh) if r.axis == "replica")
     frag = inspect_program(streaming)
     sizes = _unit_bytes_per_device(streaming)
     layers = 4 * sizes[0]

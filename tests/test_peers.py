@@ -47,10 +47,9 @@ def test_the_watchdog_stops_a_wait_that_outlasts_the_timeout():
     assert proc.stderr.count("\n") == 1
 
 
-def test_the_watchdog_lets_compilation_and_unguarded_work_run():
+def test_the_watchdog_lets_unguarded_work_run():
     proc = _run_watchdog("    with watchdog.guard('a step'):\n"
-                         "        with watchdog.paused():\n"
-                         "            time.sleep(1.5)\n"
+                         "        time.sleep(0.1)\n"
                          "    time.sleep(1.5)\n"
                          "print('done')\n")
     assert proc.returncode == 0 and proc.stdout == "done\n", proc.stderr

@@ -39,3 +39,7 @@ def test_the_optax_example_runs_and_learns(capsys):
 
 def test_the_streaming_example_runs_and_learns(capsys):
     assert _run_example("### Streaming fragments in your own loop", capsys) < 0.5  # from 10
+
+
+def test_the_compression_example_runs_and_learns(capsys):
+    assert _run_example("### Compressed syncs in your own loop", capsys) < 1e-4  # from 256
