@@ -90,12 +90,6 @@ class Compression:
         values = codes.astype(jnp.float32).reshape(-1, self.block) * scales[:, None]
         return values.reshape(-1)
 
-    def roundtrip(self, x: jax.Array) -> jax.Array:
-        """x as the receiver decodes it (blocks over x's flattened values, zero-padded)."""
-        flat = x.reshape(-1).astype(jnp.float32)
-        padded = jnp.pad(flat, (0, self.padded_size(flat.size) - flat.size))
-        return self.dequantize(*self.quantize(padded))[:flat.size].reshape(x.shape)
-
 
 def _all_gather_invariant(x: jax.Array, axis_name: str) -> jax.Array:
     """all_gather (tiled, axis 0) typed as the same on every member of `axis_name`, so that a
