@@ -7,7 +7,8 @@ per value are bits/8 + 4/block (scale = max|x| x f32(1 / largest code)):
 
   format  codes                                  largest code
   int8    round(x / scale) in int8               127
-  fp8     x / scale cast to float8_e4m3fn        448 (e4m3's largest finite value)
+  fp8     x / scale cast to float8_e4m3fn, sent  448 (e4m3's largest finite value)
+          as its raw bytes
   int4    round(x / scale) in [-7, 7], two       7
           codes per byte (low nibble first)
 
@@ -71,8 +72,9 @@ class Compression:
         scales = jnp.where(finite, jnp.max(jnp.abs(blocks), axis=1) * reciprocal, jnp.nan)
         usable = (finite & (scales > 0))[:, None]
         scaled = jnp.where(usable, blocks / jnp.where(usable, scales[:, None], 1.0), 0.0)
-        if self.format == "fp8":
-            codes = jnp.clip(scaled, -largest, largest).astype(jnp.float8_e4m3fn)
+        if self.format == "fp8":  # as raw bytes: XLA's CPU collectives would widen f8 to f16
+            codes = jax.lax.bitcast_convert_type(
+                jnp.clip(scaled, -largest, largest).astype(jnp.float8_e4m3fn), jnp.uint8)
         else:
             codes = jnp.clip(jnp.round(scaled), -largest, largest).astype(jnp.int8)
         codes = codes.reshape(-1)
@@ -87,6 +89,8 @@ class Compression:
             low = (codes & 0xF).astype(jnp.int8) - 8
             high = (codes >> 4).astype(jnp.int8) - 8
             codes = jnp.stack([low, high], axis=-1).reshape(-1)
+        elif self.format == "fp8":
+            codes = jax.lax.bitcast_convert_type(codes, jnp.float8_e4m3fn)
         values = codes.astype(jnp.float32).reshape(-1, self.block) * scales[:, None]
         return values.reshape(-1)
 

@@ -98,7 +98,7 @@ def plot_runs(runs: list[Run], x: str = "tokens") -> Figure:
     lower = [(key, title, members) for key, title, members in (
         ("weights", "sync weight", synced), ("local_steps", "local steps per sync", uneven))
         if members]
-    fig = Figure(figsize=(9, 4 + 2.5 * len(lower)), layout="constrained")
+    fig = Figure(figsize=(12, 4 + 2.5 * len(lower)), layout="constrained")
     axes = fig.subplots(1 + len(lower), 1, sharex=True, squeeze=False)[:, 0]
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
@@ -115,10 +115,11 @@ def plot_runs(runs: list[Run], x: str = "tokens") -> Figure:
                             linestyle=("-", "--", ":", "-.")[replica % 4],
                             label=f"{run.label} r{replica}")
     axes[0].set_ylabel("loss")
-    axes[0].legend(fontsize="small")
+    beside = {"loc": "upper left", "bbox_to_anchor": (1.01, 1)}  # never over the curves
+    axes[0].legend(fontsize="small", **beside)
     for ax, (_, title, _) in zip(axes[1:], lower):
         ax.set_ylabel(title)
-        ax.legend(fontsize="x-small", ncol=2)
+        ax.legend(fontsize="x-small", ncol=2, **beside)
     axes[-1].set_xlabel(X_AXES[x])
     return fig
 

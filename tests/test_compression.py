@@ -16,7 +16,7 @@ from edit_jax.config import MeshConfig
 from edit_jax.inspect_hlo import collective_stats, summarize
 from edit_jax.inspect_steps import replica_traffic
 from edit_jax.mesh import make_mesh
-from edit_jax.methods import StepKind, StepPlan
+from edit_jax.methods import REST_UNIT, StepKind, StepPlan
 from edit_jax.program import build_program
 from test_sync import EDIT, VOCAB, _config, _run_ours
 
@@ -67,7 +67,9 @@ def test_roundtrip_matches_numpy(fmt):
 def test_codes_by_hand():
     """int8: [0.5, -1] -> scale f32(1/127), codes round(63.5) = 64 (half to even), -127. int4:
     [7, -7, 3.5, 0] -> scale 1, codes 7, -7, 4 (half to even), 0, stored as nibble + 8, two per
-    byte, low first: 15 | 1 << 4 = 31 and 12 | 8 << 4 = 140."""
+    byte, low first: 15 | 1 << 4 = 31 and 12 | 8 << 4 = 140. fp8: [1, -0.5] -> e4m3 448 =
+    1.75 x 2^8 (sign 0, exponent 8 + 7 = 1111, mantissa 110: 0x7E) and -224 (1, 1110, 110: 0xF6),
+    sent as those bytes."""
     codes, scales = Compression("int8", 2).quantize(jnp.array([0.5, -1.0]))
     assert codes.dtype == jnp.int8 and codes.tolist() == [64, -127]
     assert scales.tolist() == [np.float32(1 / 127)]
@@ -75,6 +77,8 @@ def test_codes_by_hand():
     assert codes.dtype == jnp.uint8 and codes.tolist() == [31, 140] and scales.tolist() == [1.0]
     packed = Compression("int4", 4)
     np.testing.assert_array_equal(packed.dequantize(codes, scales), [7.0, -7.0, 4.0, 0.0])
+    codes, _ = Compression("fp8", 2).quantize(jnp.array([1.0, -0.5]))  # e4m3 448, -224
+    assert codes.dtype == jnp.uint8 and codes.tolist() == [0x7E, 0xF6]
     assert Compression("int4", 256).wire_bytes(512) == 256 + 8
 
 
@@ -209,44 +213,54 @@ def test_error_feedback_loses_nothing():
 # ----------------------------------------------------------------------------- the compiled step
 
 
-def _expected_wire(program, compression: Compression | None) -> int:
-    """Wire bytes over `replica` of one whole-model exchange, per device, computed from each
+def _expected_wire(program, units, compression: Compression | None) -> int:
+    """Wire bytes over `replica` of one exchange of `units`, per device, computed from each
     leaf's local shard size n (per layer for the layers): fp32 all-reduce 2(R-1)/R x 4n;
     compressed all-to-all and all-gather of every code and scale, 2(R-1)/R x
     wire_bytes(n padded to R chunks of whole blocks)."""
     R, L = program.layout.num_replicas, program.method.num_layers
+    layers = sum(u != REST_UNIT for u in units)  # each layer syncs on its own
     total = 0
     for (path, leaf), dim in zip(jax.tree_util.tree_flatten_with_path(program.params_shapes)[0],
                                  jax.tree.leaves(program.layout.dims)):
-        units = L if path[0].key == "layers" else 1  # each layer syncs on its own
-        n = leaf.size // units // (program.layout.num_shards if dim >= 0 else 1)
+        is_layer = path[0].key == "layers"
+        count = layers if is_layer else int(REST_UNIT in units)
+        n = leaf.size // (L if is_layer else 1) // (program.layout.num_shards if dim >= 0 else 1)
         per = 4 * n if compression is None else compression.wire_bytes(
             compression.padded_size(n, R))
-        total += units * 2 * (R - 1) * per // R
+        total += count * 2 * (R - 1) * per // R
     return total
 
 
-@pytest.mark.parametrize("name, fmt", [("edit", "int8"), ("local_sgd", "int4")])
-def test_hlo_bytes_of_a_compressed_sync(name, fmt):
-    """The sync step's replica wire bytes from the compiled HLO, fp32 against compressed: they
-    differ by exactly the parameters' fp32 bytes minus the codes' and scales', so the saving is
-    4x (8-bit) or 8x (4-bit) up to the scales' share and padding. edit's scalar collectives
-    (norms, step counts) are the same in both; compressed local SGD adds a few (it averages from
-    an anchor, leaving out non-finite replicas by their norms)."""
+STREAMING = {"fragments": 2, "fragment_delay": 1, "sync_every": 4}
+
+
+@pytest.mark.parametrize("name, fmt, settings", [
+    ("edit", "int8", {}), ("local_sgd", "int4", {}), ("diloco", "fp8", STREAMING)],
+    ids=["edit-int8", "local_sgd-int4", "streaming-diloco-fp8"])
+def test_hlo_bytes_of_a_compressed_sync(name, fmt, settings):
+    """A sync step's replica wire bytes from the compiled HLO, fp32 against compressed: they
+    differ by exactly the synced parameters' fp32 bytes minus the codes' and scales', so the
+    saving is 4x (8-bit) or 8x (4-bit) up to the scales' share and padding. edit's and
+    diloco's scalar collectives (norms, step counts) are the same in both; compressed local SGD
+    adds a few (it averages from an anchor, leaving out non-finite replicas by their norms).
+    Streaming diloco: the step that syncs the second fragment (layer 1 and the rest) and
+    applies its delayed outer step."""
     wire, expected = {}, {}
     for compression in (None, Compression(fmt, 64)):
-        method = dataclasses.replace(EDIT, name=name, compression_block=64,
+        method = dataclasses.replace(EDIT, name=name, compression_block=64, **settings,
                                      compression="none" if compression is None else fmt,
                                      error_feedback=compression is not None)
         program = build_program(_config(method), VOCAB)
-        plan = StepPlan(StepKind.SYNC, program.method.units)
+        units = program.method.fragments[-1] if settings else program.method.units
+        plan = StepPlan(StepKind.SYNC, units, units if settings else frozenset())
         summary = summarize(collective_stats(program.compiled_step(plan), program.layout.mesh))
         wire[compression] = replica_traffic(summary)["replica_wire_bytes"]
-        expected[compression] = _expected_wire(program, compression)
+        expected[compression] = _expected_wire(program, units, compression)
     compressed = Compression(fmt, 64)
     scalars = (wire[compressed] - expected[compressed]) - (wire[None] - expected[None])
-    assert scalars == 0 if name == "edit" else 0 < scalars <= 64
-    assert wire[None] / wire[compressed] > {"int8": 3.5, "int4": 6.5}[fmt]
+    assert scalars == 0 if name != "local_sgd" else 0 < scalars <= 64
+    assert wire[None] / wire[compressed] > {"int8": 3.5, "fp8": 3.5, "int4": 6.5}[fmt]
 
 
 @pytest.mark.parametrize("name, fmt, feedback", [("diloco", "int4", True),

@@ -1,5 +1,6 @@
 """Elastic resume: a checkpoint of R replicas continues on R' != R replicas and another shard
-count, for every method with an outer state; phi and the outer momentum carry over exactly."""
+count, for the methods with an outer state (edit; a_edit with compressed syncs, whose
+error-feedback residual starts afresh); phi and the outer momentum carry over exactly."""
 
 import jax
 import numpy as np
@@ -14,7 +15,9 @@ from runs import EDIT, SMALL, VOCAB, final_state, train
 
 A_EDIT = ["method.name=a_edit", *EDIT[1:], "method.sync_interval_seconds=0.2",
           "method.step_weighting=0.5"]
-METHODS = {"edit": EDIT, "diloco": ["method.name=diloco", *EDIT[1:]], "a_edit": A_EDIT}
+COMPRESSED = ["method.compression=int8", "method.compression_block=64",
+              "method.error_feedback=true"]
+METHODS = {"edit": EDIT, "a_edit-int8-error-feedback": [*A_EDIT, *COMPRESSED]}
 
 
 def _restored(run_dir, step, method, mesh):
@@ -41,6 +44,10 @@ def _assert_restarts_from_phi(saved, state, replicas, step):
         for x in stats:  # statistics start afresh, the sync count too
             assert not np.any(np.asarray(x))
     assert int(saved.outer.rest.stats.count) > 0
+    if saved.residual is not None:  # error feedback's residual belongs to the old replicas
+        assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(saved.residual))
+        assert all(x.shape[0] == replicas and not np.any(np.asarray(x))
+                   for x in jax.tree.leaves(state.residual))
     np.testing.assert_array_equal(state.replica_steps, [step] * replicas)
     np.testing.assert_array_equal(state.outer.synced_steps, [[step] * replicas])
 
