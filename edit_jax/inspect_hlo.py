@@ -459,10 +459,11 @@ def summarize(rows: Iterable[CollectiveRow]) -> dict:
     exact = True
     for row in rows:
         if "replica" in row.axes:
+            wire = row.bytes_by_dtype(wire=True)
             for dtype, b in row.bytes_by_dtype().items():
                 bucket = replica_by_dtype.setdefault(dtype, {"bytes": 0, "wire_bytes": 0})
                 bucket["bytes"] += b
-                bucket["wire_bytes"] += row.bytes_by_dtype(wire=True)[dtype]
+                bucket["wire_bytes"] += wire[dtype]
         for bucket in (by_axis.setdefault(row.axis, _zero()), by_kind[row.kind], total):
             bucket["bytes"] += row.bytes
             bucket["wire_bytes"] += row.total_wire_bytes
