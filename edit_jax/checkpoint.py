@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import grain
 import grain.checkpoint
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
@@ -45,18 +46,28 @@ class CorruptCheckpoint(UserError):
 
 
 class Checkpointer:
-    """Saves every `save_every` steps into `directory`, keeping the `keep` newest checkpoints."""
+    """Saves every `save_every` steps into `directory`, keeping the `keep` newest checkpoints.
 
-    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int):
+    `read_only`: for readers (`edit-jax export`): creates nothing, and leaves alone the
+    temporary directory of a save that a run still training there may have in progress.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int,
+                 read_only: bool = False):
         self.directory = Path(os.path.abspath(directory))
         self.save_every = save_every
         if self.directory.exists() and not self.directory.is_dir():
             raise UserError(f"checkpoint directory {self.directory} is not a directory; "
                             "remove that file or set run.run_dir to a new path")
-        if self.directory.is_dir() and not os.access(self.directory, os.R_OK | os.W_OK | os.X_OK):
-            raise UserError(f"checkpoint directory {self.directory} is not readable and "
-                            "writable; fix its permissions or set run.run_dir to a new path")
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
+        access = os.R_OK | os.X_OK | (0 if read_only else os.W_OK)
+        if self.directory.is_dir() and not os.access(self.directory, access):
+            needs = "readable" if read_only else "readable and writable"
+            raise UserError(f"checkpoint directory {self.directory} is not {needs}; fix its "
+                            "permissions or set run.run_dir to a new path")
+        if read_only:
+            options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
         handlers = {"state": ocp.StandardCheckpointHandler(),
                     "config": ocp.JsonCheckpointHandler(),
                     "data": grain.checkpoint.CheckpointHandler()}
@@ -136,6 +147,17 @@ class Checkpointer:
                 data_iterator.set_state(json.loads(data_file.read_text()))
         state = restored["state"]
         return (type(target)(**state) if isinstance(state, dict) else state), restored["config"]
+
+    def restore_on_host(self, step: int, item):
+        """Part of the state saved at `step`, as host numpy arrays, without using any device:
+        `item` is a subtree of `saved_state_shapes(step)` (its nested dicts, with
+        ShapeDtypeStruct leaves); nothing outside it is read."""
+        step_dir = self._step_dir(step)
+        _require_items(step_dir, ["state"])
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        with _read_errors(step_dir), ocp.PyTreeCheckpointer() as reader:
+            return reader.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True))
 
     def saved_state_shapes(self, step: int, *, like=None):
         """ShapeDtypeStructs (no shardings) of the state saved at `step`, read from metadata only.

@@ -27,6 +27,24 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--process-id", type=int, help="this process's index (multi-host runs)")
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="dotted config overrides, e.g. run.steps=100 mesh.replica=4")
+    prepare = commands.add_parser(
+        "prepare", help="tokenize a corpus once into token shards for data.source=tokens",
+        description="Tokenize the documents the config names (data.source=bundled, or files: "
+                    ".txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet) with data.tokenizer into "
+                    "flat token shards (one .bin per shard, uint16 or uint32, documents ended "
+                    "by EOS) plus index.json, in parallel over files. Every k-th document "
+                    "(k = 1/data.val_fraction) is held out for validation. Rerunning resumes: "
+                    "finished files are kept. Train on the result with data.source=tokens "
+                    "data.paths=[DIR].")
+    prepare.add_argument("--out", required=True, metavar="DIR", help="directory for the shards")
+    prepare.add_argument("--workers", type=int, metavar="N",
+                         help="worker processes, one file each (default: all cores)")
+    prepare.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N",
+                         help="tokens per shard, about (default: 100,000,000)")
+    prepare.add_argument("--config", help="YAML file or a bundled config name")
+    prepare.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="dotted config overrides, e.g. data.source=files "
+                              "'data.paths=[corpus/*.jsonl.zst]' data.tokenizer=tok.json")
     inspect = commands.add_parser(
         "inspect", help="collective bytes and memory of the compiled train steps",
         description="Compile every step plan the configured method runs (nothing is allocated; "
@@ -75,6 +93,19 @@ def _parser() -> argparse.ArgumentParser:
                            "replica (default: tokens)")
     plot.add_argument("--out", default="loss.png", metavar="FILE.png",
                       help="where to write the PNG (default: loss.png)")
+    export = commands.add_parser(
+        "export", help="a checkpoint as a Hugging Face Llama directory",
+        description="Write one checkpoint of a run as a directory that transformers' "
+                    "LlamaForCausalLM.from_pretrained and AutoTokenizer.from_pretrained load "
+                    "(config.json, model.safetensors in float32, tokenizer.json, ...), and that "
+                    "model.init_from=DIR starts a run from. Exports phi once the local phase of "
+                    "a method with an outer state has begun, else the mean of the replicas. "
+                    "Runs on the CPU, without the run's mesh.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="run.run_dir of the run")
+    export.add_argument("--step", type=int, metavar="N",
+                        help="the checkpoint's step (default: the newest)")
+    export.add_argument("--out", required=True, metavar="DIR",
+                        help="directory to write (new, empty, or an earlier export)")
     return parser
 
 
@@ -90,6 +121,29 @@ def _plot(args: argparse.Namespace) -> None:
     from edit_jax.plot import load_runs, save_plot
 
     print(f"wrote {save_plot(load_runs(args.run_dirs), args.x, args.out)}")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from edit_jax.config import load_config
+    from edit_jax.prepare import prepare
+
+    cfg = load_config(args.config, args.overrides)
+    index = prepare(cfg.data, args.out, workers=args.workers, shard_tokens=args.shard_tokens)
+    print(f"{args.out}: {len(index['shards'])} shards of {index['dtype']}, "
+          f"{index['tokens']['train']:,} training and {index['tokens']['val']:,} validation "
+          f"tokens ({index['documents']['train']:,} + {index['documents']['val']:,} documents); "
+          f"train with data.source=tokens data.paths=[{args.out}]")
+
+
+def _export(args: argparse.Namespace) -> None:
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")  # host arrays only: leave the accelerators alone
+    from edit_jax.hf_export import export
+
+    result = export(args.run_dir, args.out, args.step)
+    print(f"exported step {result['step']} of {args.run_dir} ({result['source']}, "
+          f"{result['num_params']:,} parameters) to {result['out']}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -163,8 +217,8 @@ def _launch(args: argparse.Namespace) -> int:
     return launch([*config, *args.overrides], args.processes, devices, args.link_mbit)
 
 
-COMMANDS = {"train": _train, "inspect": _inspect, "schedule": _schedule, "launch": _launch,
-            "plot": _plot}
+COMMANDS = {"prepare": _prepare, "train": _train, "inspect": _inspect, "schedule": _schedule, "launch": _launch,
+            "plot": _plot, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from edit_jax import hf_config, token_shards
 from edit_jax.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -27,12 +28,14 @@ FRAGMENT_LAYOUTS = ("strided", "sequential")
 COMPRESSIONS = ("none", "int8", "fp8", "int4")
 PENALTY_METHODS = ("edit", "a_edit")  # the layer-wise sync with the pseudo-gradient penalty
 NORM_GRANULARITIES = ("global", "layer")
-DATA_SOURCES = ("bundled", "files", "tfds")
+DATA_SOURCES = ("bundled", "files", "tfds", "tokens")
+TOKEN_DTYPES = ("uint16", "uint32")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Llama architecture. vocab_size 0 means: take it from the tokenizer."""
+    """Llama architecture. vocab_size 0 means: take it from the tokenizer. init_from: a Hugging
+    Face Llama directory to start from; its config.json fills the architecture (load_config)."""
 
     vocab_size: int = 0
     d_model: int = 128
@@ -48,6 +51,7 @@ class ModelConfig:
     remat: str = "full"  # none | full | dots | dots_no_batch
     loss_chunk_tokens: int = 4096  # tokens per chunk of the head + cross-entropy; 0 = one chunk
     attention_chunk_tokens: int = 512  # query positions per chunk of attention; 0 = one chunk
+    init_from: str = ""  # Hugging Face Llama checkpoint directory; "" = random initialisation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +67,16 @@ class MeshConfig:
 class DataConfig:
     """Where text comes from, how it is tokenized, and the batch shape."""
 
-    source: str = "bundled"  # bundled | files | tfds
-    paths: tuple[str, ...] = ()  # source=files: .txt / .jsonl files or glob patterns
+    source: str = "bundled"  # bundled | files | tfds | tokens
+    paths: tuple[str, ...] = ()  # files: text files or globs; tokens: a prepared dir or .bin files
+    token_dtype: str = "uint16"  # tokens: dtype of raw .bin shards without a header or index
     text_field: str = "text"  # jsonl key / tfds feature holding the text
     tfds_name: str = ""
     tfds_data_dir: str = ""
     train_split: str = "train"
     val_split: str = ""  # '' = hold out val_fraction of the training documents
     val_fraction: float = 0.02
-    tokenizer: str = "byte"  # byte | bpe | path/to/tokenizer.json
+    tokenizer: str = ""  # byte | bpe | path/to/tokenizer.json; "" = the shards', else byte
     bpe_vocab_size: int = 4096
     seq_len: int = 128
     global_batch_size: int = 32  # sequences per step over all replicas
@@ -213,7 +218,7 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
         layers.append(OmegaConf.create(_read_yaml(resolve_config_path(path))))
     layers.append(_parse_overrides(overrides))
     try:
-        config = OmegaConf.to_object(OmegaConf.merge(*layers))
+        config = OmegaConf.to_object(OmegaConf.merge(*_with_init_from(layers)))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         msg = (getattr(e, "msg", None) or str(e)).strip().splitlines()[0]
@@ -222,8 +227,40 @@ def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Confi
             valid = _field_names(section)
             raise UserError(f"unknown config key '{key}'; valid keys here: {valid}") from None
         raise UserError(f"bad value for config key '{key}': {msg}") from None
+    config = resolve_tokenizer(config)
     validate(config)
     return config
+
+
+def _with_init_from(layers: list) -> list:
+    """`layers` (the schema, then the user's) with model.init_from's config.json as a layer
+    just above the schema: it fills the model keys the user left unset, and a key the user set
+    to another value is an error."""
+    merged = OmegaConf.merge(*layers)
+    if not merged.model.init_from:
+        return layers
+    values = hf_config.model_fields(hf_config.read_hf_config(merged.model.init_from))
+    for field, value in values.items():
+        explicit = any(field in (layer.get("model") or {}) for layer in layers[1:])
+        if explicit and merged.model[field] != value:
+            source = Path(merged.model.init_from) / hf_config.CONFIG_FILE
+            raise UserError(f"model.{field}={merged.model[field]} but {source} has "
+                            f"{hf_config.FIELD_KEYS[field]}={value}; drop model.{field} from the "
+                            "config and overrides (model.init_from sets it) or init from "
+                            "another checkpoint")
+    return [layers[0], OmegaConf.create({"model": values}), *layers[1:]]
+
+
+def resolve_tokenizer(c: Config) -> Config:
+    """`data.tokenizer` "" (auto) made explicit: token shards' own (they are tokenized already:
+    `token_shards.default_tokenizer`), else the tokenizer.json of `model.init_from`'s directory
+    if it has one, else byte."""
+    if c.data.tokenizer:
+        return c
+    own = Path(c.model.init_from).expanduser() / hf_config.TOKENIZER_FILE
+    tokenizer = (str(own) if c.data.source != "tokens" and c.model.init_from and own.is_file()
+                 else token_shards.default_tokenizer(c.data))
+    return dataclasses.replace(c, data=dataclasses.replace(c.data, tokenizer=tokenizer))
 
 
 def _field_names(section: str) -> str:
@@ -261,8 +298,14 @@ def validate(c: Config) -> None:
              "at most one of mesh.replica and mesh.shard may be -1")
     _require(c.mesh.num_cpu_devices > 0, "mesh.num_cpu_devices", "must be positive")
     _require(d.source in DATA_SOURCES, "data.source", f"'{d.source}' is not one of {DATA_SOURCES}")
-    _require(d.source != "files" or len(d.paths) > 0, "data.paths",
-             "data.source=files needs data.paths=[file.txt,...]")
+    _require(d.source not in ("files", "tokens") or len(d.paths) > 0, "data.paths",
+             f"data.source={d.source} needs data.paths=[...] (files: text files; tokens: a "
+             "directory made by `edit-jax prepare`, or .bin token files)")
+    _require(d.token_dtype in TOKEN_DTYPES, "data.token_dtype",
+             f"'{d.token_dtype}' is not one of {TOKEN_DTYPES}")
+    _require(not (d.source == "tokens" and d.tokenizer == "bpe"), "data.tokenizer",
+             "bpe trains a tokenizer on documents, but token shards are tokenized already; "
+             "leave data.tokenizer unset (a prepared directory's own) or name a tokenizer.json")
     _require(d.source != "tfds" or bool(d.tfds_name), "data.tfds_name",
              "data.source=tfds needs data.tfds_name")
     _require(d.seq_len > 0, "data.seq_len", "must be positive")

