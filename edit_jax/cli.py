@@ -153,7 +153,7 @@ def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, args.overrides)
     start_jax(cfg.mesh, distributed_args_from_env(args.coordinator_address, args.num_processes,
                                                   args.process_id),
-              peer_timeout_s=cfg.run.barrier_timeout_seconds)
+              peer_timeout_s=cfg.run.barrier_timeout_seconds, xla_flags=cfg.run.xla_flags)
     from edit_jax.train import train  # imports JAX-heavy modules only after start-up
 
     summary = train(cfg)
@@ -165,7 +165,7 @@ def _inspect(args: argparse.Namespace) -> None:
     from edit_jax.mesh import distributed_args_from_env, start_jax
 
     cfg = load_config(args.config, args.overrides)
-    start_jax(cfg.mesh, distributed_args_from_env())
+    start_jax(cfg.mesh, distributed_args_from_env(), xla_flags=cfg.run.xla_flags)
     from edit_jax.inspect_steps import format_report, inspect_program
     from edit_jax.program import build_program
     from edit_jax.tokenizer import load_tokenizer
@@ -180,7 +180,7 @@ def _schedule(args: argparse.Namespace) -> None:
     from edit_jax.mesh import distributed_args_from_env, start_jax
 
     cfg = load_config(args.config, args.overrides)
-    start_jax(cfg.mesh, distributed_args_from_env())
+    start_jax(cfg.mesh, distributed_args_from_env(), xla_flags=cfg.run.xla_flags)
     import jax
 
     from edit_jax.layer_profile import run_profile, saved_profile_path

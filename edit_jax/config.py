@@ -21,6 +21,7 @@ from edit_jax.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTIONS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
 METHODS = ("ddp", "local_sgd", "post_local_sgd", "plsgd", "dreamddp", "diloco", "edit", "a_edit")
 FRAGMENT_METHODS = ("diloco", "edit")  # the methods with streaming fragments
@@ -52,6 +53,7 @@ class ModelConfig:
     loss_chunk_tokens: int = 4096  # tokens per chunk of the head + cross-entropy; 0 = one chunk
     attention_chunk_tokens: int = 512  # query positions per chunk of attention; 0 = one chunk
     init_from: str = ""  # Hugging Face Llama checkpoint directory; "" = random initialisation
+    attention: str = "auto"  # auto | xla | cudnn: cuDNN flash attention on NVIDIA GPUs in bf16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +169,8 @@ class RunConfig:
     progress: bool = True
     tensorboard: bool = False  # also write TensorBoard event files to <run_dir>/tensorboard
     barrier_timeout_seconds: float = 300.0  # multi-process: longest wait for the other processes
+    xla_flags: tuple[str, ...] = ()  # added to the GPU defaults (xla_flags.py); $XLA_FLAGS wins
+    profile_steps: str = ""  # "A,B": a jax.profiler trace of steps A..B into <run_dir>/profile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,6 +291,8 @@ def validate(c: Config) -> None:
              "head dimension d_model/n_heads must be even for RoPE")
     _require(m.dtype in DTYPES, "model.dtype", f"'{m.dtype}' is not one of {DTYPES}")
     _require(m.remat in REMAT_POLICIES, "model.remat", f"'{m.remat}' is not one of {REMAT_POLICIES}")
+    _require(m.attention in ATTENTIONS, "model.attention",
+             f"'{m.attention}' is not one of {ATTENTIONS}")
     _require(m.loss_chunk_tokens >= 0, "model.loss_chunk_tokens",
              "must be >= 0 (0 computes the logits of all tokens at once)")
     _require(m.attention_chunk_tokens >= 0, "model.attention_chunk_tokens",
@@ -377,10 +383,29 @@ def validate(c: Config) -> None:
     for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
                 "keep_checkpoints", "barrier_timeout_seconds"):
         _require(getattr(r, key) > 0, f"run.{key}", "must be positive")
+    _require(all(f.startswith("--") and len(f) > 2 for f in r.xla_flags), "run.xla_flags",
+             "each flag is written --name=value, e.g. "
+             "'run.xla_flags=[--xla_gpu_enable_latency_hiding_scheduler=false]'")
+    profile_steps(r)  # raises for a malformed range
     _require(all(f >= 1 for f in c.straggler.slowdown), "straggler.slowdown",
              "factors must be >= 1 (1 = full speed)")
     _require(all(d >= 0 for d in c.straggler.delay_seconds), "straggler.delay_seconds",
              "delays must be >= 0")
+
+
+def profile_steps(run: RunConfig) -> tuple[int, int] | None:
+    """`run.profile_steps` "A,B" as (A, B), the first and last step traced (steps count from
+    1, as in metrics.jsonl); None when empty."""
+    if not run.profile_steps:
+        return None
+    parts = run.profile_steps.split(",")
+    try:
+        first, last = (int(p) for p in parts)
+    except ValueError:
+        first = last = 0
+    _require(len(parts) == 2 and 1 <= first <= last, "run.profile_steps",
+             f"'{run.profile_steps}' is not A,B with 1 <= A <= B (the steps to trace, e.g. 5,8)")
+    return first, last
 
 
 def to_dict(config: Config) -> dict:

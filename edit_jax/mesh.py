@@ -9,13 +9,15 @@ ordered by (process, id) before reshaping, so each replica's devices sit on one 
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import numpy as np
 
+from edit_jax.cache import cache_dir
 from edit_jax.config import MeshConfig
 from edit_jax.errors import UserError
+from edit_jax.xla_flags import detect_platform, effective_flags, supported_flags
 
 AXES = ("replica", "shard")
 _CLUSTER_ENV_VARS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
@@ -53,13 +55,20 @@ def distributed_args_from_env(coordinator_address: str | None = None,
 
 
 def start_jax(mesh_cfg: MeshConfig, dist: DistributedArgs = DistributedArgs(),
-              peer_timeout_s: float = 300.0) -> None:
-    """Set up fake CPU devices and join the other processes; call before any JAX computation.
+              peer_timeout_s: float = 300.0, xla_flags: Sequence[str] = ()) -> None:
+    """Set XLA_FLAGS, set up fake CPU devices and join the other processes; call before any
+    JAX computation.
 
-    JAX's coordination service ends every process (with a C++ stack trace) once a peer has
-    missed heartbeats for its timeout; that timeout is set well above `peer_timeout_s` (the
-    run's barrier timeout), so that our own clearer error (peers.py) comes first.
+    XLA_FLAGS: on GPUs the defaults of xla_flags.py (checked against this jaxlib), then
+    `xla_flags` (run.xla_flags), then the user's own XLA_FLAGS, which win. JAX's coordination
+    service ends every process (with a C++ stack trace) once a peer has missed heartbeats for
+    its timeout; that timeout is set well above `peer_timeout_s` (the run's barrier timeout),
+    so that our own clearer error (peers.py) comes first.
     """
+    flags = effective_flags(detect_platform(), xla_flags, os.environ.get("XLA_FLAGS", ""),
+                            lambda f: supported_flags(f, cache_dir=cache_dir()))
+    if flags:
+        os.environ["XLA_FLAGS"] = " ".join(flags)
     jax.config.update("jax_num_cpu_devices", mesh_cfg.num_cpu_devices)
     cluster = any(v in os.environ for v in _CLUSTER_ENV_VARS)
     if dist.coordinator_address is None and dist.num_processes is None and not cluster:

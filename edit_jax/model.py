@@ -12,7 +12,9 @@ a `jax.checkpoint`ed function, so one chunk's values exist at a time and the bac
 recomputes them: `model.loss_chunk_tokens` runs the final norm, lm_head, log-softmax and NLL
 over chunks of the flattened tokens (`chunked_cross_entropy`; never the full (B, T, V) float32
 logits), and `model.attention_chunk_tokens` runs attention over chunks of query positions
-(`causal_attention`; never the full (B, N, T, T) float32 scores). 0 turns either off.
+(`causal_attention`; never the full (B, N, T, T) float32 scores). 0 turns either off. With
+`model.attention=cudnn` (`auto` resolves to it on GPUs where it compiles: `choose_attention`)
+attention is cuDNN's fused flash attention instead, which never holds the scores either.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import optax
 from flax import nnx
 
 from edit_jax.config import ModelConfig
+from edit_jax.errors import UserError
 
 Params = dict
 # gather(group_name, params_of_group) -> full params of that group; group is a top-level key.
@@ -100,6 +103,7 @@ class Attention(nnx.Module):
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.chunk_tokens = cfg.attention_chunk_tokens
+        self.implementation = cfg.attention
         d, hd, std = cfg.d_model, self.head_dim, cfg.init_std
         self.wq = _linear(d, cfg.n_heads * hd, std, dtype, rngs)
         self.wk = _linear(d, cfg.n_kv_heads * hd, std, dtype, rngs)
@@ -112,7 +116,11 @@ class Attention(nnx.Module):
         k = self.wk(x_BxTxD).reshape(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x_BxTxD).reshape(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out_BxTxNxH = causal_attention(q, k, v, self.chunk_tokens)
+        if self.implementation == "cudnn":
+            out_BxTxNxH = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                       implementation="cudnn")
+        else:
+            out_BxTxNxH = causal_attention(q, k, v, self.chunk_tokens)
         return self.wo(out_BxTxNxH.reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -150,6 +158,45 @@ def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, chunk_tokens: int = 0):
         out_BxTxNxH = jnp.concatenate(
             [out_BxTxNxH, attend(q_BxTxNxH[:, main:], jnp.arange(main, T))], axis=1)
     return out_BxTxNxH
+
+
+def choose_attention(cfg: ModelConfig, platform: str, seq_len: int) -> tuple[str, str | None]:
+    """(the attention `cfg.attention` resolves to, a warning or None) on `platform` for
+    sequences of `seq_len` tokens.
+
+    `xla` is `causal_attention` (chunked); `cudnn` is cuDNN's fused flash attention (no T x T
+    scores, nothing recomputed). `auto` takes cuDNN on GPUs in bf16 if one layer's attention,
+    forward and backward, compiles with it here, and otherwise the XLA path (with a warning
+    where cuDNN was tried and failed: a failure to lower, as with some CUDA 13 builds, is found
+    at compile time, not guessed from versions). An explicit `cudnn` that does not compile is
+    an error. Layers built from a config still saying `auto` use the XLA path.
+    """
+    wanted = cfg.attention
+    if wanted == "xla" or (wanted == "auto" and not (platform == "gpu"
+                                                     and cfg.dtype == "bfloat16")):
+        return "xla", None
+    try:
+        _compile_cudnn_attention(cfg, seq_len)
+    except Exception as e:  # any failure to trace, lower or compile means: not here
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        if wanted == "cudnn":
+            raise UserError(f"model.attention=cudnn does not compile on this {platform} "
+                            f"({reason}); set model.attention to xla or auto") from None
+        return "xla", f"cuDNN attention does not compile here ({reason}); using XLA attention"
+    return "cudnn", None
+
+
+def _compile_cudnn_attention(cfg: ModelConfig, seq_len: int) -> None:
+    """Compile one sequence's cuDNN attention and its gradient at the model's head shapes."""
+    head_dim, dtype = cfg.d_model // cfg.n_heads, jnp.dtype(cfg.dtype)
+    q = jax.ShapeDtypeStruct((1, seq_len, cfg.n_heads, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((1, seq_len, cfg.n_kv_heads, head_dim), dtype)
+
+    def loss(q, k, v):
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return out.astype(jnp.float32).sum()
+
+    jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv).compile()
 
 
 class SwiGLU(nnx.Module):

@@ -19,7 +19,7 @@ from edit_jax.errors import UserError
 from edit_jax.layer_profile import run_profile, unit_schedule
 from edit_jax.mesh import make_mesh
 from edit_jax.methods import RULES, Method, StepKind, StepPlan, SyncRule
-from edit_jax.model import Params, abstract_model, count_params, init_model
+from edit_jax.model import Params, abstract_model, choose_attention, count_params, init_model
 from edit_jax.optimizer import inner_optimizer
 from edit_jax.schedule import UnitProfile
 from edit_jax.sharding import is_sharded, replica_split_dims, shard_dims
@@ -39,6 +39,7 @@ class Program:
     outer: OuterSync | None
     layout: Layout
     profile: UnitProfile | None = None  # dreamddp: the per-unit times its schedule was built on
+    notes: tuple[str, ...] = ()  # warnings for the user (an attention fallback)
 
     @property
     def num_params(self) -> int:
@@ -46,9 +47,9 @@ class Program:
 
     def describe(self) -> str:
         mesh, method = self.layout.mesh, self.method
-        text = (f"model: {self.num_params:,} parameters; mesh: {mesh.shape['replica']} replicas x "
-                f"{mesh.shape['shard']} shards on {jax.device_count()} "
-                f"{jax.devices()[0].platform} devices; method: {method.name}")
+        text = (f"model: {self.num_params:,} parameters, {self.cfg.model.attention} attention; "
+                f"mesh: {mesh.shape['replica']} replicas x {mesh.shape['shard']} shards on "
+                f"{jax.device_count()} {jax.devices()[0].platform} devices; method: {method.name}")
         if method.period:  # plsgd, dreamddp: what each step of a period averages
             text += "; period: " + " | ".join(
                 StepPlan(StepKind.SYNC, units).name(method.num_layers) if units else "-"
@@ -132,6 +133,8 @@ def build_program(cfg: Config, vocab_size: int, devices=None,
         raise UserError(f"data.global_batch_size={cfg.data.global_batch_size} is not divisible by "
                         f"replicas x shards = {replicas} x {shards}; use a multiple of "
                         f"{replicas * shards}")
+    attention, note = choose_attention(cfg.model, jax.default_backend(), cfg.data.seq_len)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention))
     graphdef, params_shapes = abstract_model(cfg.model, vocab_size)
     sharded_mask = is_sharded(shard_dims(params_shapes, shards))
     tx = inner_optimizer(cfg.optimizer, cfg.run.steps, sharded_mask)
@@ -150,4 +153,5 @@ def build_program(cfg: Config, vocab_size: int, devices=None,
                                  penalty=method.name in PENALTY_METHODS, replica_dims=replica_dims,
                                  averaging=method.anchored)
     return Program(cfg, vocab_size, graphdef, params_shapes, tx, method, outer,
-                   make_layout(mesh, params_shapes, tx, outer), profile)
+                   make_layout(mesh, params_shapes, tx, outer), profile,
+                   notes=(note,) if note else ())

@@ -22,6 +22,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from edit_jax import data, token_shards
+from edit_jax.cache import cache_dir
 from edit_jax.errors import UserError
 
 if TYPE_CHECKING:
@@ -127,11 +128,6 @@ def load_tokenizer_file(path: str) -> HFTokenizer:
             return HFTokenizer(tokenizer, eos, file)
     raise UserError(f"tokenizer {path} has no end-of-sequence token; "
                     f"add one of {' '.join(EOS_CANDIDATES)} to its vocabulary")
-
-
-def cache_dir() -> Path:
-    """Where trained tokenizers are kept: $EDIT_JAX_CACHE, else ~/.cache/edit-jax."""
-    return Path(os.environ.get("EDIT_JAX_CACHE") or Path.home() / ".cache" / "edit-jax")
 
 
 def bpe_cache_path(cfg: DataConfig) -> Path:

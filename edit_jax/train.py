@@ -12,6 +12,7 @@ a lost process stops the others (peers.py).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from edit_jax import data as data_lib
 from edit_jax.a_edit import LocalPhase, local_replica_indices
 from edit_jax.checkpoint import Checkpointer, CorruptCheckpoint
-from edit_jax.config import Config, to_dict
+from edit_jax.config import Config, profile_steps, to_dict
 from edit_jax.elastic import restore
 from edit_jax.errors import UserError
 from edit_jax.hf_import import check_vocab, load_params
@@ -90,6 +91,40 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+class StepTrace:
+    """`run.profile_steps` A,B: a jax.profiler trace of steps A..B (counted from 1) into
+    `directory`, for TensorBoard's profile plugin or Perfetto (a .trace.json.gz beside it).
+    Starts before the first of those steps runs (also when a resume or an a_edit round lands
+    inside the range) and stops once the last has finished on the device."""
+
+    def __init__(self, steps: tuple[int, int] | None, directory: Path):
+        self.steps, self.directory = steps, directory
+        self.active = self.done = False
+
+    def before(self, step: int) -> None:
+        if self.steps and not (self.active or self.done) and step <= self.steps[1] and (
+                step >= self.steps[0]):
+            jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+            self.active = True
+
+    def after(self, steps_done: int, state) -> None:
+        if self.active and steps_done >= self.steps[1]:
+            jax.block_until_ready(state)
+            self.stop()
+
+    def stop(self) -> None:
+        jax.profiler.stop_trace()
+        self.active, self.done = False, True
+        log(f"wrote a profile of steps {self.steps[0]}..{self.steps[1]} to {self.directory}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:  # the run ended (or stopped) inside the range
+            self.stop()
+
+
 def _global_batch(layout: Layout, local_rows: np.ndarray, global_rows: int) -> jax.Array:
     return jax.make_array_from_process_local_data(
         layout.batch_sharding, local_rows, (global_rows, local_rows.shape[1]))
@@ -109,6 +144,9 @@ def train(cfg: Config) -> dict:
     program = build_program(cfg, vocab_size)
     layout = program.layout
     log(program.describe())
+    log(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none)'}")
+    for note in program.notes:
+        warn(note)
 
     iterator = data_lib.train_iterator(cfg.data, tokenizer, process_index=jax.process_index(),
                                        process_count=jax.process_count(), vocab_size=vocab_size)
@@ -231,6 +269,7 @@ class _Loop:
         self.started = time.perf_counter() - (resumed_at[-1] if resumed_at else 0.0)
         self.schedule = lr_schedule(self.cfg.optimizer, self.cfg.run.steps)
         self.config_dict = to_dict(self.cfg)  # saved with every checkpoint
+        self.trace = StepTrace(profile_steps(self.cfg.run), Path(self.cfg.run.run_dir) / "profile")
 
     @property
     def step(self) -> int:
@@ -238,13 +277,16 @@ class _Loop:
 
     def run(self) -> dict:
         run = self.cfg.run
-        with self.watchdog, collective_errors("training"), StopRequest() as self.stop:
+        with self.watchdog, collective_errors("training"), StopRequest() as self.stop, \
+                self.trace:
             self.eval_loss = self.evaluate() if self.step == 0 else None
             self.interval = (time.perf_counter(), self.step)  # when the logged interval began
             with tqdm(total=run.steps, initial=self.step, unit="step", dynamic_ncols=True,
                       disable=not run.progress or jax.process_index()) as self.bar:
                 while self.step < run.steps:
+                    self.trace.before(self.step + 1)
                     step_metrics, plan = self.advance()  # compiles what it runs first
+                    self.trace.after(self.step, self.state)
                     with self.watchdog.guard(f"step {self.step + 1}"):
                         self.after(step_metrics, plan)
             with self.watchdog.guard("the last checkpoint"):

@@ -23,8 +23,9 @@ table (vocab x d_model, a lookup, not a matmul); the lm_head matmul (d_model x v
 MFU = model FLOPs per step / step time / the chip's dense bf16 peak (PEAK_BF16_FLOPS, matched
 on the device kind; an unknown kind, or a CPU, gets no MFU and a note). Peak memory: the
 device's `memory_stats()['peak_bytes_in_use']` where it has one (GPU), otherwise the compiled
-step's memory analysis (arguments + outputs + temporaries - aliased, `inspect_hlo.memory_stats`),
-which is recorded for every case too.
+step's memory analysis (arguments + outputs + temporaries - aliased, `inspect_hlo.memory_stats`
+of `Program.compiled_step`, the executable `edit-jax inspect` reads), which is recorded for
+every case too.
 
 Without an accelerator (JAX's default backend is the CPU) the script runs the smoke test
 instead (as `--smoke` does): the tiny config, 8 x 128 tokens, 3 timed steps, written to
@@ -34,13 +35,11 @@ results/bench_gpu_cpu_smoke.json; results/bench_gpu.json is for accelerator numb
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from benchlib import time_step, write_report
+from benchlib import answer_case, default_backend, run_in_child, time_step, write_report
 
 # Dense (no sparsity) bf16 peak FLOP/s per chip, matched in order on the device kind.
 PEAK_BF16_FLOPS = (
@@ -51,7 +50,15 @@ PEAK_BF16_FLOPS = (
 )
 SMOKE = {"configs": "tiny", "batch": 8, "seq_len": None, "steps": 3,
          "out": "results/bench_gpu_cpu_smoke.json"}
-ROOT = Path(__file__).resolve().parent.parent
+MODEL_FLOPS_FORMULA = ("6 * N_nonembedding * tokens + 12 * n_layers * d_model * seq_len * tokens "
+                       "(N_nonembedding excludes only the input embedding)")
+
+
+def one_device(batch: int, seq_len: int | None = None) -> list[str]:
+    """Overrides for a 1 x 1 mesh and a step of `batch` x `seq_len` tokens (None: the config's)."""
+    overrides = ["mesh.replica=1", "mesh.shard=1", "mesh.num_cpu_devices=1",
+                 f"data.global_batch_size={batch}"]
+    return overrides + ([f"data.seq_len={seq_len}"] if seq_len else [])
 
 
 def peak_flops(device_kind: str) -> float | None:
@@ -68,10 +75,9 @@ def model_flops_per_step(num_params: int, vocab: int, n_layers: int, d_model: in
     return 6 * nonembedding * tokens + 12 * n_layers * d_model * seq_len * tokens, nonembedding
 
 
-def run_case(config: str, overrides: list[str], steps: int, vocab_default: int) -> dict:
-    """One case, in this process: build, compile, time, measure."""
-    import time
-
+def one_device_case(config: str, overrides: list[str], vocab_default: int):
+    """(Program, its device, a batch of random tokens, the step-0 state) of a case on the first
+    device, in this process."""
     from edit_jax.config import load_config
     from edit_jax.mesh import start_jax
 
@@ -80,20 +86,32 @@ def run_case(config: str, overrides: list[str], steps: int, vocab_default: int) 
     import jax
     import numpy as np
 
-    from edit_jax.inspect_hlo import memory_stats
-    from edit_jax.methods import DDP_PLAN
     from edit_jax.program import build_program
 
     device = jax.devices()[0]
     vocab = cfg.model.vocab_size or vocab_default
     program = build_program(cfg, vocab, devices=[device])
-    rows, seq = cfg.data.global_batch_size, cfg.data.seq_len
-    tokens = np.random.default_rng(0).integers(0, vocab, (rows, seq + 1)).astype(np.int32)
+    shape = (cfg.data.global_batch_size, cfg.data.seq_len + 1)
+    tokens = np.random.default_rng(0).integers(0, vocab, shape).astype(np.int32)
     batch = jax.device_put(tokens, program.layout.batch_sharding)
-    state = program.init_state()
+    return program, device, batch, program.init_state()
 
+
+def run_case(config: str, overrides: list[str], steps: int, vocab_default: int) -> dict:
+    """One case, in this process: build, compile, time, measure."""
+    import time
+
+    import jax
+    import numpy as np
+
+    from edit_jax.inspect_hlo import memory_stats
+    from edit_jax.methods import DDP_PLAN
+
+    program, device, batch, state = one_device_case(config, overrides, vocab_default)
+    cfg, vocab = program.cfg, program.vocab_size
+    rows, seq = cfg.data.global_batch_size, cfg.data.seq_len
     start = time.perf_counter()
-    compiled = program.train_step(DDP_PLAN).lower(state, batch).compile()
+    compiled = program.compiled_step(DDP_PLAN, batch.shape)  # what `edit-jax inspect` reads
     compile_s = time.perf_counter() - start
     compiled_memory = memory_stats(compiled)
     step_s, state = time_step(compiled, state, batch, steps)
@@ -107,7 +125,8 @@ def run_case(config: str, overrides: list[str], steps: int, vocab_default: int) 
                                                seq, rows * seq)
     peak = peak_flops(device.device_kind) if device.platform != "cpu" else None
     return {
-        "config": config, "remat": m.remat, "device_kind": device.device_kind,
+        "config": config, "remat": m.remat, "attention": m.attention,
+        "device_kind": device.device_kind,
         "platform": device.platform, "dtype": m.dtype, "batch": rows, "seq_len": seq,
         "tokens_per_step": rows * seq, "num_params": program.num_params,
         "nonembedding_params": nonembedding, "vocab_size": vocab,
@@ -120,26 +139,16 @@ def run_case(config: str, overrides: list[str], steps: int, vocab_default: int) 
         "peak_memory_bytes": measured if measured is not None else compiled_memory["peak"],
         "peak_memory_source": ("device memory_stats peak_bytes_in_use" if measured is not None
                                else "compiled memory analysis"),
-        "compiled_memory": compiled_memory, "final_loss": loss,
+        "measured_peak_bytes": measured, "compiled_memory": compiled_memory,
+        "final_loss": loss,
     }
 
 
-def _run_in_subprocess(config: str, overrides: list[str], steps: int, vocab: int) -> dict:
-    args = json.dumps([config, overrides, steps, vocab])
-    out = subprocess.run([sys.executable, __file__, "--case", args], capture_output=True,
-                         text=True, cwd=ROOT)
-    lines = out.stdout.strip().splitlines()
-    if out.returncode or not lines:
-        tail = (out.stderr or out.stdout).strip().splitlines()[-5:]
-        return {"config": config, "overrides": overrides, "error": " | ".join(tail)}
-    return json.loads(lines[-1])
-
-
-def _default_backend() -> str:
-    """JAX's default backend, asked in a short-lived process (so this one holds no device)."""
-    out = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
-                         capture_output=True, text=True)
-    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "cpu"
+def run_case_in_child(config: str, overrides: list[str], steps: int, vocab: int,
+                      timeout: float | None = None) -> dict:
+    """`run_case` in a fresh process (benchlib.run_in_child): the device's peak is this case's."""
+    row = run_in_child(Path(__file__), [config, overrides, steps, vocab], timeout)
+    return row if "error" not in row else {"config": config, "overrides": overrides, **row}
 
 
 def _gb(n: float) -> str:
@@ -163,11 +172,10 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.case:
-        config, overrides, steps, vocab = json.loads(args.case)
-        print(json.dumps(run_case(config, overrides, steps, vocab)))
+        answer_case(run_case, args.case)
         return
 
-    backend = _default_backend()
+    backend = default_backend()
     if backend == "cpu" and not args.smoke:
         print("no accelerator: JAX's default backend is the CPU; running the smoke test "
               "(--smoke) instead", file=sys.stderr)
@@ -180,12 +188,9 @@ def main() -> None:
     results = []
     for config in args.configs.split(","):
         for remat in args.remat.split(","):
-            overrides = ["method.name=ddp", "mesh.replica=1", "mesh.shard=1",
-                         "mesh.num_cpu_devices=1", f"data.global_batch_size={args.batch}",
-                         f"model.remat={remat}"]
-            if args.seq_len:
-                overrides.append(f"data.seq_len={args.seq_len}")
-            row = _run_in_subprocess(config, overrides + args.overrides, args.steps, args.vocab)
+            overrides = ["method.name=ddp", f"model.remat={remat}",
+                         *one_device(args.batch, args.seq_len)]
+            row = run_case_in_child(config, overrides + args.overrides, args.steps, args.vocab)
             row.setdefault("remat", remat)
             results.append(row)
             done = (f"failed: {row['error']}" if "error" in row
@@ -205,8 +210,7 @@ def main() -> None:
     report = {
         "device": f"1 x {kind}", "backend": backend, "smoke": args.smoke,
         "peak_bf16_flops_per_s": peak,
-        "model_flops_formula": "6 * N_nonembedding * tokens + 12 * n_layers * d_model * seq_len "
-                               "* tokens (N_nonembedding excludes only the input embedding)",
+        "model_flops_formula": MODEL_FLOPS_FORMULA,
         "notes": notes, "results": results,
     }
     print(f"1 x {kind}; DDP step of the real Program on a 1 x 1 mesh")

@@ -11,8 +11,8 @@ from flax import nnx
 
 from edit_jax.config import ModelConfig, load_config
 from edit_jax.errors import UserError
-from edit_jax.model import (Attention, RMSNorm, apply_rope, causal_attention, chunked_cross_entropy,
-                            count_params, init_model, loss_fn, rope_tables)
+from edit_jax.model import (Attention, RMSNorm, apply_rope, causal_attention, choose_attention,
+                            chunked_cross_entropy, count_params, init_model, loss_fn, rope_tables)
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=64)
 
@@ -183,3 +183,20 @@ def test_chunking_cuts_compiled_temp_memory():
 def test_negative_chunk_sizes_are_one_line_errors(key):
     with pytest.raises(UserError, match=f"bad value for config key '{key}': must be >= 0"):
         load_config(None, [f"{key}=-1"])
+
+
+def test_attention_choice_and_its_fallback_at_compile_time():
+    """`auto` tries cuDNN only on GPUs in bf16, by compiling it: on this CPU the compile fails,
+    which is the fallback path a GPU takes where cuDNN attention does not lower."""
+    bf16 = ModelConfig(dtype="bfloat16")
+    assert choose_attention(bf16, "cpu", 128) == ("xla", None)
+    assert choose_attention(ModelConfig(), "gpu", 128) == ("xla", None)  # float32: XLA
+    assert choose_attention(dataclasses.replace(bf16, attention="xla"), "gpu", 128) == (
+        "xla", None)
+    chosen, warning = choose_attention(bf16, "gpu", 128)
+    assert chosen == "xla" and warning.startswith("cuDNN attention does not compile here (")
+    assert "\n" not in warning and warning.endswith("using XLA attention")
+    with pytest.raises(UserError, match="model.attention=cudnn does not compile on this cpu"):
+        choose_attention(dataclasses.replace(bf16, attention="cudnn"), "cpu", 128)
+    with pytest.raises(UserError, match="'model.attention': 'flash' is not one of"):
+        load_config(None, ["model.attention=flash"])

@@ -1,6 +1,7 @@
 """The training program end to end: resume, other meshes, errors, and that it learns."""
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -101,12 +102,17 @@ def test_default_command_learns(tmp_path):
     assert 5.0 < evals[0] < 6.0  # about ln(257) at initialisation; the stale row is gone
     assert evals[-1] < evals[0] - 1.5
     assert json.loads(proc.stdout.strip().splitlines()[-1])["summary"]["step"] == 40
+    assert f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none)'}\n" in proc.stdout
 
 
 def test_edit_saves_without_changing_the_trajectory_and_resumes_exactly(tmp_path):
     """Saving (at a local step and at a sync) leaves the trajectory bit for bit as it was; the
     resume after the sync restores the outer state exactly."""
-    straight, rows = _train(tmp_path / "a", *EDIT, "run.steps=10", "run.checkpoint_every=100")
+    straight, rows = _train(tmp_path / "a", *EDIT, "run.steps=10", "run.checkpoint_every=100",
+                            "run.profile_steps='5,6'")  # traced (a sync at 6): changes nothing
+    traces = [p.name for p in (tmp_path / "a" / "profile").rglob("*") if p.is_file()]
+    assert any(n.endswith(".xplane.pb") for n in traces)  # TensorBoard's profile plugin
+    assert "perfetto_trace.json.gz" in traces  # Perfetto
     _train(tmp_path / "b", *EDIT, "run.steps=6", "run.checkpoint_every=3",
            "run.tensorboard=true")  # stops after a sync
     resumed, resumed_rows = _train(tmp_path / "b", *EDIT, "run.steps=10",
