@@ -4,9 +4,10 @@ Each step directory holds three items: `state` (the arrays, restorable onto any 
 caller's target shardings name), `config` (JSON) and `data` (one grain iterator-state file per
 process). Saves are asynchronous; Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it
 only once every item is complete, so a save cut short by a crash is never taken for a checkpoint.
-Bad or damaged checkpoints become a one-line `UserError` (`CorruptCheckpoint` when the files
-are damaged or missing, so a caller can fall back to an earlier step and `set_aside` the bad
-one); anything else surfaces as a bug.
+Checkpoints that cannot be restored become a one-line `UnusableCheckpoint`: `CorruptCheckpoint`
+when files are damaged or missing (however Orbax and TensorStore report it),
+`MismatchedCheckpoint` when the saved state does not fit the run, so that a caller can fall
+back to an earlier step and `set_aside` the bad one; anything else surfaces as a bug.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grain
 import grain.checkpoint
@@ -30,6 +31,7 @@ import orbax.checkpoint as ocp
 
 from edit_jax.errors import UserError
 
+_PARTIAL_SAVE = ".orbax-checkpoint-tmp"  # Orbax's suffix of a save in progress
 _CORRUPT_FIX = ("delete that step directory to resume from an earlier one, "
                 "or use a new run.run_dir")
 _MISMATCH_FIX = "use a fresh run.run_dir or the config the checkpoint was saved with"
@@ -37,23 +39,41 @@ _MISMATCH_FIX = "use a fresh run.run_dir or the config the checkpoint was saved 
 _STORAGE_STATUS = re.compile(r"^(NOT_FOUND|DATA_LOSS|OUT_OF_RANGE|FAILED_PRECONDITION): ")
 
 
-class CorruptCheckpoint(UserError):
-    """A checkpoint whose files are damaged or missing; `step` names it, `reason` says why."""
+class UnusableCheckpoint(UserError):
+    """A checkpoint this run cannot restore; `step` names it, `reason` says why, `problem` is
+    the kind, as a sentence's predicate."""
+
+    problem = "cannot be restored"
 
     def __init__(self, message: str, step: int, reason: str):
         super().__init__(message)
         self.step, self.reason = step, reason
 
 
+class CorruptCheckpoint(UnusableCheckpoint):
+    """A checkpoint whose files are damaged or missing."""
+
+    problem = "is corrupt or incomplete"
+
+
+class MismatchedCheckpoint(UnusableCheckpoint):
+    """A checkpoint whose state has other arrays or shapes than this run's: saved with another
+    config, or its metadata is damaged."""
+
+    problem = "does not match this run"
+
+
 class Checkpointer:
     """Saves every `save_every` steps into `directory`, keeping the `keep` newest checkpoints.
 
     `read_only`: for readers (`edit-jax export`): creates nothing, and leaves alone the
-    temporary directory of a save that a run still training there may have in progress.
+    temporary directory of a save that a run still training there may have in progress. A
+    writer removes such directories, left by a save that a crash cut short, and `warn`s of each
+    (so the writer must be the directory's only one: run_lock.py).
     """
 
     def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int,
-                 read_only: bool = False):
+                 read_only: bool = False, warn: Callable[[str], None] = print):
         self.directory = Path(os.path.abspath(directory))
         self.save_every = save_every
         if self.directory.exists() and not self.directory.is_dir():
@@ -68,6 +88,9 @@ class Checkpointer:
             options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
         else:
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
+            for partial in sorted(self.directory.glob(f"*{_PARTIAL_SAVE}*")):
+                warn(f"removing {partial}, a checkpoint that an interrupted run did not finish "
+                     "writing")
         handlers = {"state": ocp.StandardCheckpointHandler(),
                     "config": ocp.JsonCheckpointHandler(),
                     "data": grain.checkpoint.CheckpointHandler()}
@@ -129,22 +152,16 @@ class Checkpointer:
         items = {"state": None, "config": ocp.args.JsonRestore()}
         _require_items(step_dir, [*items, *(["data"] if data_iterator is not None else [])])
         items["state"] = ocp.args.StandardRestore(_present(target, self.saved_state_shapes(step)))
-        data_file = None
-        if data_iterator is not None:
-            data_file = self._data_state_file(step_dir)
-            if data_file.name == _data_file_name(jax.process_index(), jax.process_count()):
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-                data_file = None
+        data_file = None if data_iterator is None else self._data_state_file(step_dir)
         saved = jax.tree.leaves(self.saved_state_shapes(step, like=target))
         for (path, t), s in zip(jax.tree_util.tree_flatten_with_path(target)[0], saved):
             if s.shape != t.shape:
-                raise UserError(f"checkpoint {step_dir} does not match this run: {_name(path)} "
-                                f"has shape {s.shape} in the checkpoint but {t.shape} here; "
-                                f"{_MISMATCH_FIX}")
+                raise _mismatch(step_dir, f"{_name(path)} has shape {s.shape} in the checkpoint "
+                                          f"but {t.shape} here")
         with _read_errors(step_dir):
             restored = self._manager.restore(step, args=ocp.args.Composite(**items))
             if data_file is not None:
-                data_iterator.set_state(json.loads(data_file.read_text()))
+                _set_data_state(data_iterator, data_file, step_dir)
         state = restored["state"]
         return (type(target)(**state) if isinstance(state, dict) else state), restored["config"]
 
@@ -233,18 +250,50 @@ def _corrupt(step_dir: Path, reason: str) -> CorruptCheckpoint:
                              f"{_CORRUPT_FIX}", int(step_dir.name), reason)
 
 
+def _mismatch(step_dir: Path, reason: str) -> MismatchedCheckpoint:
+    return MismatchedCheckpoint(f"checkpoint {step_dir} does not match this run: {reason}; "
+                                f"{_MISMATCH_FIX}", int(step_dir.name), reason)
+
+
+def _set_data_state(iterator: grain.DatasetIterator, data_file: Path, step_dir: Path) -> None:
+    """Move `iterator` to the position saved in `data_file` (grain's JSON of `get_state`)."""
+    state = json.loads(data_file.read_text())
+    try:
+        iterator.set_state(state)
+    except (LookupError, TypeError, ValueError) as e:  # valid JSON, but not such a state
+        raise _corrupt(step_dir, f"data/{data_file.name} is not a data-iterator state: "
+                                 f"{type(e).__name__} {e}") from e
+
+
 @contextlib.contextmanager
 def _read_errors(step_dir: Path) -> Iterator[None]:
     """Turn the errors Orbax and TensorStore raise for missing or damaged files into UserErrors."""
     _quiet_stragglers()
     try:
         yield
-    except (OSError, json.JSONDecodeError) as e:
-        raise _corrupt(step_dir, _reason(e)) from e
-    except ValueError as e:
-        if not _STORAGE_STATUS.match(str(e)):
+    except UserError:
+        raise
+    except Exception as e:
+        damage = _storage_error(e)
+        if damage is None:
             raise
-        raise _corrupt(step_dir, _reason(e)) from e
+        raise _corrupt(step_dir, _reason(damage)) from e
+
+
+def _storage_error(error: BaseException) -> BaseException | None:
+    """The error in `error`'s chain of causes that says a file is missing or damaged, if any
+    (Orbax re-raises TensorStore's read errors of sharded arrays as a bare `Exception`)."""
+    return next((e for e in _causes(error) if isinstance(e, (OSError, json.JSONDecodeError)) or (
+        isinstance(e, ValueError) and _STORAGE_STATUS.match(str(e)))), None)
+
+
+def _causes(error: BaseException | None) -> Iterator[BaseException]:
+    """`error`, then what it was raised from or while handling, and so on."""
+    seen = []
+    while error is not None and not any(error is e for e in seen):
+        seen.append(error)
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 @functools.cache  # install once
@@ -253,24 +302,29 @@ def _quiet_stragglers() -> None:
 
     When one TensorStore read fails, Orbax stops waiting and closes its event loop. The other
     reads then end in a TensorStore thread with `RuntimeError('Event loop is closed')` (printed
-    as an ignored exception) or as tasks whose storage error nobody retrieved (logged by
-    asyncio). That can happen before the failure reaches us, so this runs before reading; it
-    drops exactly those two and passes everything else on.
+    as an ignored exception), as tasks whose storage error nobody retrieved (logged by asyncio),
+    or as coroutines closed unfinished when they are collected, whose `GeneratorExit` Orbax
+    turns into an exception (printed as ignored). That can happen before the failure reaches
+    us, or much later, so this runs before reading; it drops exactly those and passes
+    everything else on.
     """
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
-        error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        if not _abandoned_read(unraisable.exc_value):
             previous(unraisable)
 
     sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(_not_a_storage_error)
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not (record.exc_info and _abandoned_read(record.exc_info[1])))
 
 
-def _not_a_storage_error(record: logging.LogRecord) -> bool:
-    error = record.exc_info[1] if record.exc_info else None
-    return not (isinstance(error, ValueError) and _STORAGE_STATUS.match(str(error)))
+def _abandoned_read(error: BaseException | None) -> bool:
+    """Whether `error` is how a read left in flight by a failed read ends (see above)."""
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    return any(isinstance(e, GeneratorExit) for e in _causes(error)) or (
+        error is not None and _storage_error(error) is not None)
 
 
 def _reason(e: Exception) -> str:
@@ -308,11 +362,10 @@ def _arrange_like(saved, like, step_dir: Path):
     names = [_name(p) for p, _ in wanted]
     for name, (_, leaf) in zip(names, wanted):
         if name not in by_name:
-            raise UserError(f"checkpoint {step_dir} does not match this run: {name} (shape "
-                            f"{leaf.shape} here) is not in the checkpoint; {_MISMATCH_FIX}")
+            raise _mismatch(step_dir, f"{name} (shape {leaf.shape} here) is not in the "
+                                      "checkpoint")
     extra = next((n for n in by_name if n not in set(names)), None)
     if extra is not None:
-        raise UserError(f"checkpoint {step_dir} does not match this run: the checkpoint has "
-                        f"{extra} (shape {by_name[extra].shape}), which this run lacks; "
-                        f"{_MISMATCH_FIX}")
+        raise _mismatch(step_dir, f"the checkpoint has {extra} (shape "
+                                  f"{by_name[extra].shape}), which this run lacks")
     return jax.tree_util.tree_unflatten(treedef, [by_name[n] for n in names])

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from edit_jax.config import COMPRESSIONS
 
-FORMATS = tuple(c for c in COMPRESSIONS if c != "none")
+FORMATS = tuple(c for c in COMPRESSIONS if c not in ("none", "topk"))  # topk: sparse.py
 _LARGEST = {"int8": 127.0, "fp8": 448.0, "int4": 7.0}
 _BITS = {"int8": 8, "fp8": 8, "int4": 4}
 
@@ -83,6 +83,11 @@ class Compression:
             codes = nibbles[:, 0] | (nibbles[:, 1] << 4)
         return codes, scales
 
+    def combine(self, tree, weights: jax.Array, *, replica_axis: str, residual=None):
+        """`quantized_combine` in this format (the interface `sparse.TopK` shares)."""
+        return quantized_combine(tree, weights, replica_axis=replica_axis, compression=self,
+                                 residual=residual)
+
     def dequantize(self, codes: jax.Array, scales: jax.Array) -> jax.Array:
         """The f32 values of `quantize`'s output (1-D)."""
         if self.format == "int4":
@@ -95,7 +100,7 @@ class Compression:
         return values.reshape(-1)
 
 
-def _all_gather_invariant(x: jax.Array, axis_name: str) -> jax.Array:
+def all_gather_invariant(x: jax.Array, axis_name: str) -> jax.Array:
     """all_gather (tiled, axis 0) typed as the same on every member of `axis_name`, so that a
     shard_map may return it without that axis (one all-gather either way); under vmap, where
     nothing is typed varying, the plain all_gather."""
@@ -171,7 +176,7 @@ def quantized_combine(tree, weights: jax.Array, *, replica_axis: str,
         if owed is not None:
             chunk = chunk + owed[me]
         chunk_codes, chunk_scales = compression.quantize(chunk)
-        gathered = [_all_gather_invariant(a, replica_axis) for a in (chunk_codes, chunk_scales)]
+        gathered = [all_gather_invariant(a, replica_axis) for a in (chunk_codes, chunk_scales)]
         combined = compression.dequantize(*gathered)[:size].reshape(x.shape).astype(x.dtype)
         if owed is None:
             return combined, None

@@ -26,7 +26,8 @@ DTYPES = ("float32", "bfloat16")
 METHODS = ("ddp", "local_sgd", "post_local_sgd", "plsgd", "dreamddp", "diloco", "edit", "a_edit")
 FRAGMENT_METHODS = ("diloco", "edit")  # the methods with streaming fragments
 FRAGMENT_LAYOUTS = ("strided", "sequential")
-COMPRESSIONS = ("none", "int8", "fp8", "int4")
+COMPRESSIONS = ("none", "int8", "fp8", "int4", "topk")
+TOPK_VALUE_BITS = (2, 4, 8)
 PENALTY_METHODS = ("edit", "a_edit")  # the layer-wise sync with the pseudo-gradient penalty
 NORM_GRANULARITIES = ("global", "layer")
 DATA_SOURCES = ("bundled", "files", "tfds", "tokens")
@@ -138,8 +139,11 @@ class MethodConfig:
     link_latency_ms: float = 10.0
     layer_profile: str = ""  # dreamddp: JSON of per-layer times; "" = measure on these devices
     compression: str = "none"  # none | int8 | fp8 | int4: the codes a sync moves over `replica`
-    compression_block: int = 256  # values per fp32 scale
-    error_feedback: bool = False  # each replica re-sends what quantization dropped
+    compression_block: int = 256  # values per fp32 scale (topk: values per chunk)
+    error_feedback: bool = False  # each replica re-sends what quantization dropped (topk: always)
+    topk_fraction: float = 0.015625  # topk: share of each chunk's values sent (1/64)
+    topk_value_bits: int = 2  # topk: bits per sent value (2, 4 or 8), one fp32 scale per chunk
+    error_feedback_decay: float = 0.95  # topk: e <- decay * e + pseudo-gradient at each sync
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,7 +383,22 @@ def validate(c: Config) -> None:
     _require(k.compression_block >= 2 and k.compression_block % 2 == 0,
              "method.compression_block", "must be an even number >= 2")
     _require(not k.error_feedback or compressed, "method.error_feedback",
-             "needs method.compression (int8, fp8 or int4)")
+             "needs method.compression (int8, fp8, int4 or topk)")
+    if k.compression == "topk":
+        keep = round(k.topk_fraction * k.compression_block)
+        _require(k.compression_block <= 2**16, "method.compression_block",
+                 f"{k.compression_block} values per top-k chunk; at most 65536 (uint16 indices)")
+        _require(0 < k.topk_fraction <= 1 and keep >= 1, "method.topk_fraction",
+                 f"{k.topk_fraction} x method.compression_block={k.compression_block} keeps "
+                 f"{keep} values per chunk; keep at least 1 (fraction in (0, 1])")
+        _require(k.topk_value_bits in TOPK_VALUE_BITS, "method.topk_value_bits",
+                 f"{k.topk_value_bits} is not one of {TOPK_VALUE_BITS}")
+        _require(keep * k.topk_value_bits % 8 == 0, "method.topk_fraction",
+                 f"{keep} values of {k.topk_value_bits} bits per chunk do not fill whole bytes; "
+                 f"make topk_fraction x compression_block a multiple of "
+                 f"{8 // k.topk_value_bits if k.topk_value_bits in TOPK_VALUE_BITS else 1}")
+    _require(0.0 <= k.error_feedback_decay <= 1.0, "method.error_feedback_decay",
+             "must be in [0, 1]")
     for key in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
                 "keep_checkpoints", "barrier_timeout_seconds"):
         _require(getattr(r, key) > 0, f"run.{key}", "must be positive")

@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from edit_jax.checkpoint import Checkpointer
-from edit_jax.errors import UserError
+from edit_jax.checkpoint import Checkpointer, MismatchedCheckpoint
 from edit_jax.outer import AnomalyStats
 from edit_jax.program import Program
 from edit_jax.step import TrainState, stack_replicas
@@ -45,10 +44,11 @@ def restore(ckpt: Checkpointer, step: int, program: Program, iterator, log=print
         return ckpt.restore(step, target, data_iterator=iterator)[0]
     saved_replicas = jax.tree.leaves(saved.params)[0].shape[0]
     if saved_replicas == layout.num_replicas:
-        raise UserError(f"checkpoint {step} in {ckpt.directory} has this run's {saved_replicas} "
-                        "replicas but state of other shapes (a changed model or "
-                        "method.fragments?); resume with the settings it was saved with, or "
-                        "start a new run.run_dir")
+        reason = (f"{saved_replicas} replicas as here, but state of other shapes (a changed "
+                  "model or method.fragments?)")
+        raise MismatchedCheckpoint(f"checkpoint {step} in {ckpt.directory} has {reason}; resume "
+                                   "with the settings it was saved with, or start a new "
+                                   "run.run_dir", step, reason)
     # phi <- theta happens as step `warmup_steps` begins: a checkpoint of that very step still
     # holds the initial phi, and its replicas are equal, so it restarts from replica 0.
     from_phi = program.outer is not None and step > program.method.warmup_steps

@@ -76,8 +76,8 @@ def write_atomically(path: Path, text: str) -> None:
 def read_rows(path: Path, warn: Callable[[str], None]) -> list[dict]:
     """The rows of a metrics file; an unparsable last line (a torn write) is dropped with a
     `warn`ing, an unparsable line before it is an error (the file was edited or damaged)."""
-    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1)
-             if line.strip()]
+    text = path.read_text(errors="replace")  # bytes that are not UTF-8 fail as JSON, below
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     rows = []
     for number, line in lines:
         try:

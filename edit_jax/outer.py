@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from edit_jax.compression import Compression, quantized_combine
+from edit_jax.compression import Compression
+from edit_jax.sparse import TopK
 from edit_jax.errors import UserError
 from edit_jax.optimizer import split_sum_of_squares
 
@@ -250,7 +251,8 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
                             temperature: float = 1.0, alpha: float = 0.02,
                             anomaly_warmup: int = 120, threshold: float = 3.0,
                             step_weighting: float = 0.0, replica_split_mask=None,
-                            compression: Compression | None = None, error_feedback: bool = False
+                            compression: Compression | TopK | None = None,
+                            error_feedback: bool = False
                             ) -> optax.GradientTransformationExtraArgs:
     """EDiT's pseudo-gradient penalty around `outer_optimizer`; call it once per replica.
 
@@ -267,8 +269,9 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
     clipping keep the raw norms (see `penalty_weights`). Without `steps` the test uses raw norms.
     With `anomaly=False, weighting=False, clip_norm=0` it is plain parameter averaging (replicas
     with non-finite deltas are still left out). With `compression` the combination moves 8- or
-    4-bit codes (`compression.quantized_combine`); the norms, hence the weights, the outlier
-    test and the clipping, still come from the uncompressed deltas (or the given `norms`).
+    4-bit codes (`compression.quantized_combine`) or sparse top-k codes (`sparse.TopK`); the
+    norms, hence the weights, the outlier test and the clipping, still come from the
+    uncompressed deltas (or the given `norms`).
 
     Args:
         outer_optimizer: the optimizer applied to the combined pseudo-gradient.
@@ -290,11 +293,11 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
             every replica's delta of this device's piece of phi (`params` is that piece), and
             the mask says which leaves' pieces are split over `replica_axis` (the rest are whole
             copies on every replica). Norms and the combination are then computed locally.
-        compression: quantize the combination (compression.py); not with the stacked layout,
-            whose all-to-all carries parameters, not pseudo-gradients.
+        compression: quantize the combination (compression.py, sparse.py); not with the
+            stacked layout, whose all-to-all carries parameters, not pseudo-gradients.
         error_feedback: with `compression`, the state carries this replica's residual (what
-            quantization dropped, re-sent next time; `quantized_combine`): it differs between
-            replicas, so keep the state per replica.
+            quantization dropped, re-sent next time; `quantized_combine`, `TopK.combine`, which
+            needs it): it differs between replicas, so keep the state per replica.
 
     Returns:
         An `optax.GradientTransformationExtraArgs` whose state is a `PenaltyState`.
@@ -363,8 +366,8 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
         elif compression is None:
             combined = combine(updates, weights, replica_axis=replica_axis)
         else:
-            combined, residual = quantized_combine(updates, weights, replica_axis=replica_axis,
-                                                   compression=compression, residual=residual)
+            combined, residual = compression.combine(updates, weights, replica_axis=replica_axis,
+                                                     residual=residual)
         combined = clip_by_norm(combined, clip_norm, shard_axis=shard_axis,
                                 sharded_mask=sharded_mask, replica_axis=replica_axis,
                                 replica_split_mask=replica_split_mask)

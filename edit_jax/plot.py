@@ -67,9 +67,21 @@ def load_run(run_dir: str | Path, label: str | None = None) -> Run:
                         "(run.log_every steps)")
     if label is None:
         config = run_dir / "config.json"
-        label = describe(json.loads(config.read_text())) if config.is_file() else run_dir.name
+        label = _describe_file(config) if config.is_file() else run_dir.name
     return Run(label, train, [r for r in rows if "eval_loss" in r],
                [r for r in rows if r.get("sync")])
+
+
+def _describe_file(config: Path) -> str:
+    """`describe` of a run's config.json; one-line errors if it is not one."""
+    try:
+        return describe(json.loads(config.read_text()))
+    except json.JSONDecodeError as e:
+        problem = f"not JSON: {e.msg} at line {e.lineno}"
+    except (KeyError, TypeError, AttributeError) as e:
+        problem = f"not a config `edit-jax train` wrote ({type(e).__name__}: {e})"
+    raise UserError(f"{config} is {problem}; restore it, or remove it to label the run by its "
+                    "directory name")
 
 
 def load_runs(run_dirs: list[str | Path], labels: list[str] | None = None) -> list[Run]:
@@ -125,7 +137,21 @@ def plot_runs(runs: list[Run], x: str = "tokens") -> Figure:
 
 
 def save_plot(runs: list[Run], x: str, out: str | Path) -> Path:
+    """Write the figure to exactly `out` (missing parent directories are created), in the
+    format its extension names (.png, .pdf, .svg, ...)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot_runs(runs, x).savefig(out, dpi=120)
+    fig = plot_runs(runs, x)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; name a file in it, e.g. {out / 'loss.png'}")
+    if out.suffix[1:].lower() not in fig.canvas.get_supported_filetypes():
+        raise UserError(f"--out {out} does not end in an image format's extension (.png, .pdf, "
+                        f".svg, ...); e.g. {out}.png")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120)
+    except OSError as e:  # mkdir's FileExistsError: a parent is a file
+        problem = f"{e.filename} is not a directory" if isinstance(e, FileExistsError) else (
+            e.strerror)
+        raise UserError(f"cannot write {out} ({problem}); choose a writable path for "
+                        "--out") from e
     return out

@@ -7,8 +7,11 @@ dreamddp, from its layer profile) and outer optimizer, and the step function of 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import os
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +19,15 @@ import optax
 
 from edit_jax.config import PENALTY_METHODS, Config
 from edit_jax.errors import UserError
+from edit_jax.inspect_hlo import human_bytes, memory_stats
 from edit_jax.layer_profile import run_profile, unit_schedule
 from edit_jax.mesh import make_mesh
 from edit_jax.methods import RULES, Method, StepKind, StepPlan, SyncRule
-from edit_jax.model import Params, abstract_model, choose_attention, count_params, init_model
+from edit_jax.model import (LAYER_GROUP, Params, abstract_model, choose_attention, count_params,
+                            init_model)
 from edit_jax.optimizer import inner_optimizer
 from edit_jax.schedule import UnitProfile
-from edit_jax.sharding import is_sharded, replica_split_dims, shard_dims
+from edit_jax.sharding import NOT_SHARDED, is_sharded, replica_split_dims, shard_dims
 from edit_jax.step import (Layout, TrainState, init_state, make_begin_local_phase, make_eval_step,
                            make_layout, make_train_step, state_from_params)
 from edit_jax.sync import OuterSync
@@ -97,10 +102,11 @@ class Program:
 
     def precompile(self, first: int, last: int) -> None:
         """Compile now every step plan that steps `first`..`last - 1` run, so that none of them
-        waits for the compiler (and a run's wall time is training, not compiling)."""
+        waits for the compiler (and a run's wall time is training, not compiling), and check
+        that each fits in a device's memory."""
         for plan in self.method.plans(first, last):
             if not (self.method.timed and plan.kind is StepKind.LOCAL):  # a_edit.py runs those
-                self.compiled_step(plan)
+                _check_fits(self.compiled_step(plan), plan.name(self.method.num_layers))
 
     @functools.cached_property
     def eval_step(self):
@@ -123,6 +129,57 @@ class Program:
         return state, metrics, plan
 
 
+_SHRINK = ("shrink data.global_batch_size or data.seq_len (or the model), or spread the run "
+           "over more devices")
+
+
+def _check_fits(compiled: jax.stages.Compiled, name: str) -> None:
+    """A one-line error if the compiled step needs more memory than a device has: XLA's
+    buffer assignment (arguments + outputs + temporaries, `inspect_hlo.memory_stats`) against
+    the device's limit, or for CPU devices their share of the machine's memory."""
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit") or (
+        os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // jax.local_device_count())
+    needed = memory_stats(compiled)["peak"]
+    if needed > limit:
+        raise UserError(f"the {name} step needs {human_bytes(needed)} per device but a device "
+                        f"has {human_bytes(limit)}; {_SHRINK}")
+
+
+@contextlib.contextmanager
+def out_of_memory_errors() -> Iterator[None]:
+    """XLA running out of device memory (RESOURCE_EXHAUSTED, when compiling or running) as a
+    one-line `UserError` naming what to shrink."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if not str(e).startswith("RESOURCE_EXHAUSTED"):
+            raise
+        raise UserError(f"out of device memory ({str(e).splitlines()[0][:160]}); "
+                        f"{_SHRINK}") from e
+
+
+def _check_compression_block(cfg: Config, params_shapes: Params, shards: int) -> None:
+    """A compressed sync pads each leaf it sends to whole blocks (compression.py), so a block
+    larger than the values a device holds of the smallest synced unit (one layer, or all
+    parameters outside the layers) only adds padding, which for an absurd block is more
+    memory than any machine has."""
+    if cfg.method.compression == "none":
+        return
+    dims = shard_dims(params_shapes, shards)
+
+    def per_device(group: str) -> int:
+        layers = 1 if group != LAYER_GROUP else cfg.model.n_layers
+        return sum(x.size // layers // (1 if d == NOT_SHARDED else shards) for x, d in zip(
+            jax.tree.leaves(params_shapes[group]), jax.tree.leaves(dims[group])))
+
+    rest = sum(per_device(g) for g in params_shapes if g != LAYER_GROUP)
+    largest = min(per_device(LAYER_GROUP), rest) // 2 * 2
+    if cfg.method.compression_block > largest:
+        raise UserError(f"method.compression_block={cfg.method.compression_block} is larger "
+                        f"than the {largest} values a device holds of the smallest synced unit "
+                        f"(the blocks would be mostly padding); set it to at most {largest}")
+
+
 def build_program(cfg: Config, vocab_size: int, devices=None,
                   profile: UnitProfile | None = None) -> Program:
     """Check the config against the devices and build the layout and step functions;
@@ -136,6 +193,7 @@ def build_program(cfg: Config, vocab_size: int, devices=None,
     attention, note = choose_attention(cfg.model, jax.default_backend(), cfg.data.seq_len)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention))
     graphdef, params_shapes = abstract_model(cfg.model, vocab_size)
+    _check_compression_block(cfg, params_shapes, shards)
     sharded_mask = is_sharded(shard_dims(params_shapes, shards))
     tx = inner_optimizer(cfg.optimizer, cfg.run.steps, sharded_mask)
     period = ()

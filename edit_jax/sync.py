@@ -44,6 +44,7 @@ from edit_jax.methods import REST_UNIT, Units
 from edit_jax.model import LAYER_GROUP, LayerSync, Params
 from edit_jax.outer import gather_replicas, pseudo_gradient_penalty, replica_norms
 from edit_jax.sharding import NOT_SHARDED
+from edit_jax.sparse import TopK
 from edit_jax.state import OuterState
 
 
@@ -130,6 +131,16 @@ class UnitSelection:
         return out
 
 
+def codec(cfg: MethodConfig) -> Compression | TopK | None:
+    """The codes `method.compression` names: dense block codes, sparse top-k, or None."""
+    if cfg.compression == "none":
+        return None
+    if cfg.compression == "topk":
+        return TopK(cfg.compression_block, cfg.topk_fraction, cfg.topk_value_bits,
+                    cfg.error_feedback_decay)
+    return Compression(cfg.compression, cfg.compression_block)
+
+
 @dataclasses.dataclass(frozen=True)
 class OuterSync:
     """The outer optimizer of diloco and edit, applied per synced unit on local shards.
@@ -162,8 +173,7 @@ class OuterSync:
         else:
             sgd = optax.sgd(cfg.outer_lr, momentum=cfg.outer_momentum or None,
                             nesterov=cfg.nesterov and cfg.outer_momentum > 0)
-        compression = (None if cfg.compression == "none"
-                       else Compression(cfg.compression, cfg.compression_block))
+        compression = codec(cfg)
         rest_mask, layer_mask = split_units(sharded_mask)
         split_masks = (split_units(jax.tree.map(lambda d: d != NOT_SHARDED, replica_dims))
                        if replica_dims is not None else (None, None))
@@ -181,7 +191,8 @@ class OuterSync:
         return cls(make(rest_mask, split_masks[0]), make(layer_mask, split_masks[1]),
                    penalty and cfg.norm_granularity == "global", sharded_mask, num_replicas,
                    fragments, cfg.fragment_alpha, replica_dims,
-                   cfg.error_feedback and compression is not None)
+                   compression is not None and (cfg.error_feedback
+                                                or isinstance(compression, TopK)))
 
     def init(self, phi: Params, replica_steps: jax.Array | None = None) -> OuterState:
         """Fresh outer state at phi; `replica_steps` (i32[R], default zeros) counts as synced

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from edit_jax import data as data_lib
 from edit_jax.a_edit import LocalPhase, local_replica_indices
-from edit_jax.checkpoint import Checkpointer, CorruptCheckpoint
+from edit_jax.checkpoint import Checkpointer, MismatchedCheckpoint, UnusableCheckpoint
 from edit_jax.config import Config, profile_steps, to_dict
 from edit_jax.elastic import restore
 from edit_jax.errors import UserError
@@ -36,7 +36,8 @@ from edit_jax.methods import StepPlan, SyncRule
 from edit_jax.metrics import MetricsLog, write_atomically
 from edit_jax.optimizer import lr_schedule
 from edit_jax.peers import Watchdog, barrier, collective_errors
-from edit_jax.program import Program, build_program
+from edit_jax.program import Program, build_program, out_of_memory_errors
+from edit_jax.run_lock import hold_run_dir
 from edit_jax.schedule import save_profile
 from edit_jax.sharding import BATCH_SPEC
 from edit_jax.step import Layout, TrainState
@@ -131,9 +132,14 @@ def _global_batch(layout: Layout, local_rows: np.ndarray, global_rows: int) -> j
 
 
 def train(cfg: Config) -> dict:
-    """Run (or resume) training as configured; returns the final summary."""
+    """Run (or resume) training as configured; returns the final summary. The run directory is
+    this run's alone while it trains (run_lock.py)."""
+    with hold_run_dir(Path(cfg.run.run_dir)), out_of_memory_errors():
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> dict:
     run_dir = Path(cfg.run.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(cfg.data)
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
     if cfg.model.init_from:
@@ -159,7 +165,7 @@ def train(cfg: Config) -> dict:
         jax.sharding.NamedSharding(layout.mesh, P(None, *BATCH_SPEC)), local_eval_rows,
         (cfg.run.eval_batches, cfg.data.global_batch_size, local_eval_rows.shape[2]))
     ckpt = Checkpointer(run_dir / "checkpoints", save_every=cfg.run.checkpoint_every,
-                        keep=cfg.run.keep_checkpoints)
+                        keep=cfg.run.keep_checkpoints, warn=warn)
     start, state = _resume(ckpt, program, iterator)
     if start:
         log(f"resumed from step {start} in {run_dir}")
@@ -186,24 +192,24 @@ def train(cfg: Config) -> dict:
 def _resume(ckpt: Checkpointer, program: Program, iterator) -> tuple[int, TrainState | None]:
     """(step, state) of the newest usable checkpoint, or (0, None) if there is none.
 
-    A corrupt or incomplete newer checkpoint is named in a warning and moved aside (never
-    deleted) once an older one has restored; if none restores, that is an error and nothing
-    is moved.
+    A newer checkpoint that cannot be restored (damaged or missing files, or state that does
+    not fit this run) is named in a warning and moved aside (never deleted) once an older one
+    has restored; if none restores, that is an error and nothing is moved.
     """
     bad = []
     for step in reversed(ckpt.all_steps()):
         try:
             state = restore(ckpt, step, program, iterator, log=log)
-        except CorruptCheckpoint as e:
+        except UnusableCheckpoint as e:
             bad.append(e)
             continue
         for e in bad:
             moved = ckpt.set_aside(e.step)
-            warn(f"checkpoint {e.step} is corrupt or incomplete ({e.reason}); moved it to "
-                 f"{moved} and resumed from step {step}")
+            warn(f"checkpoint {e.step} {e.problem} ({e.reason}); moved it to {moved} and "
+                 f"resumed from step {step}")
         return step, state
     if bad:
-        if len(bad) == 1:
+        if len(bad) == 1 or isinstance(bad[0], MismatchedCheckpoint):  # e.g. a changed config
             raise bad[0]
         raise UserError(f"no usable checkpoint in {ckpt.directory}: steps "
                         f"{', '.join(str(e.step) for e in bad)} are corrupt or incomplete "
