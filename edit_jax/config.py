@@ -31,7 +31,6 @@ TOPK_VALUE_BITS = (2, 4, 8)
 PENALTY_METHODS = ("edit", "a_edit")  # the layer-wise sync with the pseudo-gradient penalty
 NORM_GRANULARITIES = ("global", "layer")
 DATA_SOURCES = ("bundled", "files", "tfds", "tokens")
-TOKEN_DTYPES = ("uint16", "uint32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,8 +310,8 @@ def validate(c: Config) -> None:
     _require(d.source not in ("files", "tokens") or len(d.paths) > 0, "data.paths",
              f"data.source={d.source} needs data.paths=[...] (files: text files; tokens: a "
              "directory made by `edit-jax prepare`, or .bin token files)")
-    _require(d.token_dtype in TOKEN_DTYPES, "data.token_dtype",
-             f"'{d.token_dtype}' is not one of {TOKEN_DTYPES}")
+    _require(d.token_dtype in token_shards.DTYPES, "data.token_dtype",
+             f"'{d.token_dtype}' is not one of {token_shards.DTYPES}")
     _require(not (d.source == "tokens" and d.tokenizer == "bpe"), "data.tokenizer",
              "bpe trains a tokenizer on documents, but token shards are tokenized already; "
              "leave data.tokenizer unset (a prepared directory's own) or name a tokenizer.json")

@@ -89,9 +89,6 @@ class _Job:
     out: Path
     settings: dict  # the output's settings: dtype, tokenizer, hold-out rule, shard size
 
-    def checkpoint_path(self) -> Path:
-        return self.out / RECORDS_DIR / f"source-{self.source.number:05d}.partial.json"
-
 
 def prepare(cfg: DataConfig, out: str | os.PathLike, *, workers: int | None = None,
             shard_tokens: int = 100_000_000, progress: bool = True) -> dict:
@@ -115,7 +112,7 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, *, workers: int | None = No
                 "shard_tokens": shard_tokens}
     records, todo = {}, []
     for source in inputs:
-        record = _done_record(out, source, settings)
+        record = _read_record(_record_path(out, source.number), source, settings, out)
         if record is None:
             todo.append(source)
         else:
@@ -126,7 +123,7 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, *, workers: int | None = No
             number = record["source"]["number"]
             write_atomically(_record_path(out, number), json.dumps({**record,
                                                                      "settings": settings}))
-            _Job(inputs[number], cfg, out, settings).checkpoint_path().unlink(missing_ok=True)
+            _record_path(out, number, partial=True).unlink(missing_ok=True)
             records[number] = record
     index = _index(settings, [records[s.number] for s in inputs])
     if not index["documents"]["val"]:
@@ -168,13 +165,15 @@ def _copy_tokenizer(cfg: DataConfig, tokenizer: Tokenizer, out: Path) -> dict:
             "sha256": token_shards.file_sha256(target)}
 
 
-def _record_path(out: Path, number: int) -> Path:
-    return out / RECORDS_DIR / f"source-{number:05d}.json"
+def _record_path(out: Path, number: int, partial: bool = False) -> Path:
+    """Where source `number`'s record lies: once it is done, or (`partial`) the checkpoint of
+    an interrupted run."""
+    return out / RECORDS_DIR / f"source-{number:05d}{'.partial' if partial else ''}.json"
 
 
-def _done_record(out: Path, source: Source, settings: dict) -> dict | None:
-    """The record of a source finished earlier with these settings, if its shards are intact."""
-    path = _record_path(out, source.number)
+def _read_record(path: Path, source: Source, settings: dict, out: Path) -> dict | None:
+    """The record at `path` (without its settings), if it was written for `source` as it is
+    now, with these settings, and its shards are intact; else None."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -182,7 +181,9 @@ def _done_record(out: Path, source: Source, settings: dict) -> dict | None:
     if record.get("settings") != settings or record.get("source", {}).get(
             "identity") != source.identity():
         return None
-    if not _intact(out, record["shards"], settings["dtype"]):
+    itemsize = np.dtype(settings["dtype"]).itemsize
+    if not all((out / s["file"]).is_file() and (out / s["file"]).stat().st_size
+               == s["tokens"] * itemsize for s in record["shards"]):
         return None
     return {k: v for k, v in record.items() if k != "settings"}
 
@@ -238,7 +239,10 @@ def tokenize_source(job: _Job, report) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one worker per core already
     tokenizer = load_tokenizer(job.data_cfg)
     every = job.settings["holdout_every"]
-    resume = _checkpoint(job) or {"placed": 0, "held_out": 0, "shards": []}
+    source = {"number": job.source.number, "identity": job.source.identity()}
+    checkpoint = _record_path(job.out, job.source.number, partial=True)
+    resume = (_read_record(checkpoint, job.source, job.settings, job.out)
+              or {"placed": 0, "held_out": 0, "shards": []})
     writers = {split: _ShardWriter(job, split, [s for s in resume["shards"]
                                                 if s["split"] == split])
                for split in ("train", "val")}
@@ -267,8 +271,8 @@ def tokenize_source(job: _Job, report) -> dict:
             batch, batch_bytes = [], 0
         if len(writers["train"].shards) > trained:
             writers["val"].finish()
-            write_atomically(job.checkpoint_path(), json.dumps(
-                {"settings": job.settings, "identity": job.source.identity(), **state,
+            write_atomically(checkpoint, json.dumps(
+                {"source": source, "settings": job.settings, **state,
                  "shards": writers["train"].shards + writers["val"].shards}))
 
     previous, number = None, -1  # one document held back: a short source's last is held out
@@ -288,27 +292,7 @@ def tokenize_source(job: _Job, report) -> dict:
     progress.add(bytes_read=job.source.size - read)
     progress.send()
     shards = [shard for w in writers.values() for shard in w.close()]
-    return {"source": {"number": job.source.number, "identity": job.source.identity()},
-            "documents": number + 1, "shards": shards}
-
-
-def _checkpoint(job: _Job) -> dict | None:
-    """An interrupted run's checkpoint of this source, if it matches and its shards exist."""
-    try:
-        checkpoint = json.loads(job.checkpoint_path().read_text())
-    except (OSError, ValueError):
-        return None
-    if (checkpoint.get("settings") != job.settings
-            or checkpoint.get("identity") != job.source.identity()
-            or not _intact(job.out, checkpoint["shards"], job.settings["dtype"])):
-        return None
-    return checkpoint
-
-
-def _intact(out: Path, shards: list[dict], dtype: str) -> bool:
-    itemsize = np.dtype(dtype).itemsize
-    return all((out / s["file"]).is_file()
-               and (out / s["file"]).stat().st_size == s["tokens"] * itemsize for s in shards)
+    return {"source": source, "documents": number + 1, "shards": shards}
 
 
 class _Progress:
