@@ -4,8 +4,11 @@ The setting of Liu et al., arXiv 2401.09135 (docs/algorithms.md section 5).
 
 W workers with faked seconds per local step share one device. A worker reads phi, runs its
 local steps (AdamW, one jitted loop) and its pseudo-gradient phi_at_start - theta reaches the
-server at start + steps * step_time; an event queue ordered by (simulated time, worker id)
-applies the arrivals one at a time, and each worker restarts from the current phi at once.
+server at start + steps * step_time * (a per-task jitter factor, `step_time_jitter`). The
+server follows the paper's task scheduling with a grace period (its Algorithms 2 and 5): it
+takes the first arrival, keeps taking arrivals until `grace_seconds` after it, applies each one
+through the outer rule in event order ((time, worker id)), and then every worker of that group
+restarts together from the current phi when the window closes; the others keep running.
 Outer rules: `sync` (DiLoCo: every worker runs, the server waits for the slowest, averages and
 takes one Nesterov step), `nesterov` (naive asynchronous DiLoCo: Nesterov per arrival) and
 `delayed_nesterov` (`outer.delayed_nesterov` with N = W). DyLU gives worker w
@@ -33,7 +36,7 @@ import dataclasses
 import functools
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -67,6 +70,8 @@ class SimConfig:
     num_local_steps: int = 0  # stop once the applied ones hold this many local steps
     sim_time: float = 0.0  # stop before the first arrival after this simulated time
     pretrain_steps: int = 0  # synchronous AdamW steps on the global batch before the rules run
+    grace_seconds: float = 0.5  # tau_grace: how long the server keeps a group open
+    step_time_jitter: float = 0.0  # j: each task's step time is scaled by U(1 - j, 1 + j)
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     activation: float = 0.0  # delayed Nesterov's c
@@ -76,7 +81,7 @@ class SimConfig:
     clip_norm: float = 1.0  # inner global-norm clipping; 0 = off
     eval_every: int = 4  # evaluate each time this many more pseudo-gradients are applied
     eval_batches: int = 2
-    seed: int = 0  # model initialisation
+    seed: int = 0  # model initialisation and the step-time jitter
 
 
 @dataclasses.dataclass
@@ -160,13 +165,20 @@ def _server_step(tx: optax.GradientTransformation, phi, state, phi_start, thetas
 
 
 class _Worker:
-    """One worker: its data stream, its AdamW state and its step count and time."""
+    """One worker: its data stream, its AdamW state, its step count and time, and its own
+    jitter generator (seeded by (seed, index), so draws do not depend on the event order)."""
 
-    def __init__(self, index: int, steps: int, step_time: float, batches, opt_state,
-                 run_local, max_steps: int):
+    def __init__(self, index: int, steps: int, step_time: float, jitter: float, seed: int,
+                 batches, opt_state, run_local, max_steps: int):
         self.index, self.steps, self.step_time = index, steps, step_time
+        self._jitter, self._rng = jitter, np.random.default_rng([seed, index])
         self._batches, self._opt_state = batches, opt_state
         self._run_local, self._max_steps = run_local, max_steps
+
+    def duration(self) -> float:
+        """Simulated seconds of this worker's next task: steps * step_time * U(1 - j, 1 + j)."""
+        factor = self._rng.uniform(1 - self._jitter, 1 + self._jitter) if self._jitter else 1.0
+        return self.steps * self.step_time * factor
 
     def run(self, phi, lr: float):
         """theta after this worker's local steps from phi at inner learning rate `lr`; its
@@ -196,13 +208,16 @@ def pretrained(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, steps: i
     return params, opt_state
 
 
-def simulate(model_cfg: ModelConfig, data_cfg: DataConfig, sim: SimConfig) -> SimResult:
+def simulate(model_cfg: ModelConfig, data_cfg: DataConfig, sim: SimConfig,
+             observe: Callable[[int, Any], None] | None = None) -> SimResult:
     """Runs one simulated training and returns its evaluation curve and arrival log.
 
     Args:
         model_cfg: the Llama; vocab_size 0 takes the tokenizer's.
         data_cfg: corpus, tokenizer, seq_len; global_batch_size is summed over the workers.
         sim: workers, local steps, outer rule, DyLU, budget and hyper-parameters.
+        observe: if given, called as observe(updates, phi) after every outer step (to compare
+            the parameters of two rules step by step).
 
     Returns:
         A `SimResult`.
@@ -220,13 +235,15 @@ def simulate(model_cfg: ModelConfig, data_cfg: DataConfig, sim: SimConfig) -> Si
     for stream in streams:  # past the batches pretraining used
         for _ in range(sim.pretrain_steps):
             next(stream)
-    workers = [_Worker(w, steps[w], sim.step_times[w], streams[w], opt_state, run_local,
-                       max(steps)) for w in range(num_workers)]
+    workers = [_Worker(w, steps[w], sim.step_times[w], sim.step_time_jitter, sim.seed,
+                       streams[w], opt_state, run_local, max(steps))
+               for w in range(num_workers)]
     val_NxBxT1 = np.stack(eval_batches(data_cfg, tokenizer, num_batches=sim.eval_batches,
                                        process_index=0, process_count=1))
     result = SimResult(config={**dataclasses.asdict(sim), "step_times": list(sim.step_times)},
                        steps_per_worker=steps)
-    server = _Server(sim, outer_tx(sim), phi, lambda p: float(evaluate(p, val_NxBxT1)), result)
+    server = _Server(sim, outer_tx(sim), phi, lambda p: float(evaluate(p, val_NxBxT1)), result,
+                     observe)
     (_sync_rounds if sim.outer == "sync" else _async_arrivals)(sim, workers, server)
     server.finish()
     return result
@@ -236,9 +253,10 @@ class _Server:
     """phi and its outer optimizer, and the books: updates, local steps, arrivals, evals."""
 
     def __init__(self, sim: SimConfig, tx: optax.GradientTransformation, phi, evaluate,
-                 result: SimResult):
+                 result: SimResult, observe):
         self.phi, self._tx, self._state = phi, tx, tx.init(phi)
         self._sim, self._evaluate, self._result = sim, evaluate, result
+        self._observe = observe
         self.updates = self._local_steps = 0
         self.time = 0.0
         self._record()
@@ -252,6 +270,8 @@ class _Server:
                                           "steps": worker.steps, "staleness": staleness})
             self.updates += 1
             self._local_steps += worker.steps
+        if self._observe:
+            self._observe(self.updates, self.phi)
         if self.updates // self._sim.eval_every > before // self._sim.eval_every:
             self._record()
 
@@ -282,29 +302,37 @@ def _over_time(sim: SimConfig, time: float) -> bool:
 
 def _sync_rounds(sim: SimConfig, workers: list[_Worker], server: _Server) -> None:
     """DiLoCo: every worker runs from phi, the slowest sets the round time, one outer step."""
-    round_time = max(w.steps * w.step_time for w in workers)
-    while not server.done() and not _over_time(sim, server.time + round_time):
+    while not server.done():
+        round_time = max(w.duration() for w in workers)
+        if _over_time(sim, server.time + round_time):
+            break
         thetas = [w.run(server.phi, server.lr) for w in workers]
         server.apply(server.time + round_time, server.phi, thetas, [(w, 0) for w in workers])
 
 
 def _async_arrivals(sim: SimConfig, workers: list[_Worker], server: _Server) -> None:
-    """Each arrival is applied alone at its finish time; the worker restarts from the new phi."""
+    """Groups of arrivals (the paper's grace period): the first arrival opens a window of
+    `grace_seconds`; every arrival up to its close is applied alone, in event order; then the
+    group restarts together from the current phi at the close."""
     pending, queue = {}, []
 
     def start(worker: _Worker, now: float) -> None:
         pending[worker.index] = (server.phi, worker.run(server.phi, server.lr), server.updates)
-        heapq.heappush(queue, (now + worker.steps * worker.step_time, worker.index))
+        heapq.heappush(queue, (now + worker.duration(), worker.index))
 
     for worker in workers:
         start(worker, 0.0)
-    while not server.done():
-        time, index = heapq.heappop(queue)
-        if _over_time(sim, time):
-            break
-        phi_start, theta, read_at = pending.pop(index)
-        server.apply(time, phi_start, [theta], [(workers[index], server.updates - read_at)])
-        start(workers[index], time)
+    while not server.done() and not _over_time(sim, queue[0][0]):
+        close, group = queue[0][0] + sim.grace_seconds, []
+        while (queue and queue[0][0] <= close and not server.done()
+               and not _over_time(sim, queue[0][0])):
+            time, index = heapq.heappop(queue)
+            phi_start, theta, read_at = pending.pop(index)
+            server.apply(time, phi_start, [theta], [(workers[index], server.updates - read_at)])
+            group.append(workers[index])
+        if not server.done():  # else their next tasks would never be applied
+            for worker in group:
+                start(worker, close)
 
 
 def _validate(sim: SimConfig, data_cfg: DataConfig) -> None:
@@ -312,6 +340,9 @@ def _validate(sim: SimConfig, data_cfg: DataConfig) -> None:
         raise UserError(f"step_times must be one positive time per worker, got {sim.step_times}")
     if sim.local_steps < 1:
         raise UserError(f"local_steps must be at least 1, got {sim.local_steps}")
+    if sim.grace_seconds < 0 or not 0 <= sim.step_time_jitter < 1:
+        raise UserError(f"grace_seconds must be at least 0 and step_time_jitter in [0, 1), got "
+                        f"{sim.grace_seconds} and {sim.step_time_jitter}")
     if sim.outer not in OUTER_RULES:
         raise UserError(f"unknown outer rule '{sim.outer}'; use one of {', '.join(OUTER_RULES)}")
     if sim.num_updates <= 0 and sim.num_local_steps <= 0 and sim.sim_time <= 0:
