@@ -163,7 +163,7 @@ class Checkpointer:
             if data_file is not None:
                 _set_data_state(data_iterator, data_file, step_dir)
         state = restored["state"]
-        return (type(target)(**state) if isinstance(state, dict) else state), restored["config"]
+        return _as_target(target, state), restored["config"]
 
     def restore_on_host(self, step: int, item):
         """Part of the state saved at `step`, as host numpy arrays, without using any device:
@@ -345,14 +345,23 @@ def _name(path) -> str:
 
 
 def _present(target, saved):
-    """The restore target for a checkpoint whose state is `saved` (its metadata tree): a
-    NamedTuple target as a dict without the fields that are None here and absent there (a field
-    added since, such as `TrainState.residual`, so that older checkpoints still restore); else
-    `target` itself."""
-    if not (hasattr(target, "_fields") and isinstance(saved, dict)) or set(target._fields) <= set(
-            saved):
+    """The restore target for a checkpoint whose state is `saved` (its metadata tree): each
+    NamedTuple of the target, at any depth, as a dict without the fields that are None here and
+    absent there (a field added since, such as `TrainState.residual` or `OuterState.arrived`, so
+    that older checkpoints still restore); `_as_target` turns the result back."""
+    if not (hasattr(target, "_fields") and isinstance(saved, dict)):
         return target
-    return {f: v for f, v in target._asdict().items() if f in saved or v is not None}
+    kept = {f: _present(v, saved.get(f)) for f, v in target._asdict().items()
+            if f in saved or v is not None}
+    unchanged = len(kept) == len(target) and all(kept[f] is getattr(target, f) for f in kept)
+    return target if unchanged else kept
+
+
+def _as_target(target, state):
+    """`state` restored from `_present(target, ...)` in `target`'s NamedTuples again."""
+    if not (hasattr(target, "_fields") and isinstance(state, dict)):
+        return state
+    return type(target)(**{f: _as_target(getattr(target, f), state[f]) for f in state})
 
 
 def _arrange_like(saved, like, step_dir: Path):

@@ -83,9 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     _report_arguments(schedule, "method.link_gbps=0.1")
     plot = commands.add_parser(
         "plot", help="loss curves of several runs in one PNG",
-        description="Plot the train and validation loss of each run directory in one PNG "
-                    "(sync weights and local steps below, where runs have them), labelled by "
-                    "method and key settings from each run's config.json.")
+        description="Plot the validation loss of each run directory in one PNG, on a "
+                    "y-range that shows the last three quarters of training, labelled by what "
+                    "tells the runs apart (method and settings from each run's config.json).")
     plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run.run_dir of each run")
     plot.add_argument("--x", default="tokens", choices=["tokens", "step", "wall_time",
                                                         "replica_bytes"],
@@ -93,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
                            "replica (default: tokens)")
     plot.add_argument("--out", default="loss.png", metavar="FILE.png",
                       help="where to write the PNG (default: loss.png)")
+    plot.add_argument("--train", action="store_true",
+                      help="also the train loss (smoothed), on the full y-range")
+    plot.add_argument("--sync", action="store_true",
+                      help="panels of the replicas' sync weights (and of uneven local steps)")
     export = commands.add_parser(
         "export", help="a checkpoint as a Hugging Face Llama directory",
         description="Write one checkpoint of a run as a directory that transformers' "
@@ -120,7 +124,9 @@ def _report_arguments(command: argparse.ArgumentParser, example: str) -> None:
 def _plot(args: argparse.Namespace) -> None:
     from edit_jax.plot import load_runs, save_plot
 
-    print(f"wrote {save_plot(load_runs(args.run_dirs), args.x, args.out)}")
+    out = save_plot(load_runs(args.run_dirs), args.x, args.out, train=args.train,
+                    sync=args.sync)
+    print(f"wrote {out}")
 
 
 def _prepare(args: argparse.Namespace) -> None:

@@ -174,6 +174,7 @@ class RunConfig:
     barrier_timeout_seconds: float = 300.0  # multi-process: longest wait for the other processes
     xla_flags: tuple[str, ...] = ()  # added to the GPU defaults (xla_flags.py); $XLA_FLAGS wins
     profile_steps: str = ""  # "A,B": a jax.profiler trace of steps A..B into <run_dir>/profile
+    eval_params: str = "average"  # average: the replicas' mean; phi: diloco/edit's phi (no traffic)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,6 +406,12 @@ def validate(c: Config) -> None:
              "each flag is written --name=value, e.g. "
              "'run.xla_flags=[--xla_gpu_enable_latency_hiding_scheduler=false]'")
     profile_steps(r)  # raises for a malformed range
+    _require(r.eval_params in ("average", "phi"), "run.eval_params",
+             f"'{r.eval_params}' is not average or phi")
+    _require(r.eval_params == "average" or (k.name in ("diloco", "edit")
+                                            and not k.shard_outer_over_replica),
+             "run.eval_params", "phi is diloco's and edit's global parameters, whole on every "
+             "replica; use average for other methods or with method.shard_outer_over_replica")
     _require(all(f >= 1 for f in c.straggler.slowdown), "straggler.slowdown",
              "factors must be >= 1 (1 = full speed)")
     _require(all(d >= 0 for d in c.straggler.delay_seconds), "straggler.delay_seconds",

@@ -81,6 +81,11 @@ def restore(ckpt: Checkpointer, step: int, program: Program, iterator, log=print
         state = state._replace(replica_steps=jnp.full_like(state.replica_steps, steps))
         if state.residual is not None:  # what each old replica still owed belongs to no one now
             state = state._replace(residual=jax.tree.map(jnp.zeros_like, state.residual))
+        if state.in_flight is not None:  # so do the old replicas' sliced syncs in flight: they
+            # land as zero pseudo-gradients (the outer momentum alone moves phi)
+            state = state._replace(in_flight=jax.tree.map(jnp.zeros_like, state.in_flight),
+                                   outer=state.outer._replace(arrived=jax.tree.map(
+                                       jnp.zeros_like, state.outer.arrived)))
         if from_phi:
             outer = state.outer
             synced = jnp.full_like(outer.synced_steps, steps)  # every fragment, every replica

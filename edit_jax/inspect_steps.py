@@ -98,6 +98,7 @@ def inspect_program(program: Program,
         "param_bytes_per_shard": param_bytes / mesh.shape["shard"],
         "outer_state_bytes_per_device": bytes_per_device(program.abstract_state().outer),
         "error_feedback_bytes_per_device": bytes_per_device(program.abstract_state().residual),
+        "in_flight_bytes_per_device": bytes_per_device(program.abstract_state().in_flight),
         "compression": program.cfg.method.compression,
         "sync_every": program.method.sync_every,
         "timed_syncs": program.method.timed,  # a_edit: tau is nominal, syncs follow the clock
@@ -123,6 +124,7 @@ def format_report(report: dict) -> str:
              ("parameter bytes / S", report["param_bytes_per_shard"]),
              ("outer state", report["outer_state_bytes_per_device"]),
              ("error-feedback residual", report["error_feedback_bytes_per_device"]),
+             ("sliced syncs' terms in flight", report["in_flight_bytes_per_device"]),
              (per_step, report["replica_bytes_per_step"]),
              ("  peak of one step", report["replica_bytes_peak_per_step"]),
              ("  ring wire bytes", report["replica_wire_bytes_per_step"])]

@@ -41,6 +41,16 @@ from edit_jax.fragments import fragment_layers, fragment_due
 REST_UNIT = -1  # the unit of all non-layer parameters (embedding, final norm, head)
 
 
+def delay_slices(cfg: MethodConfig) -> int:
+    """In how many slices, one per step, a delayed sync's payload travels: d =
+    `fragment_delay` for uncompressed syncs whose phi is whole on every replica; else 1 (the
+    codes' collectives, and the all-to-all of an outer state split over replicas, do not cut
+    into slices that sum to the whole, so their payload travels at the start)."""
+    if cfg.fragment_delay > 1 and cfg.compression == "none" and not cfg.shard_outer_over_replica:
+        return cfg.fragment_delay
+    return 1
+
+
 class StepKind(enum.Enum):
     DDP = "ddp"  # gradients averaged over replicas
     LOCAL = "local"  # no collective over replicas
@@ -73,21 +83,26 @@ def _short(units: Units) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """What one step does over `replica`: its kind, the units whose sync runs in it, and the
-    units whose delayed outer step is blended into the replica at its end."""
+    """What one step does over `replica`: its kind, the units whose sync starts in it, the
+    further slices of syncs in flight it sends (units, slice index >= 1; slice 0 travels with
+    the start), and the units whose delayed outer step lands in the replica at its end."""
 
     kind: StepKind
     sync: Units = frozenset()
     apply: Units = frozenset()
+    send: frozenset[tuple[Units, int]] = frozenset()
 
     def name(self, num_layers: int) -> str:
-        """'ddp', 'local', 'sync' (every unit), or e.g. 'sync[L0,L2,rest]+apply[L1,L3]'."""
+        """'ddp', 'local', 'sync' (every unit), or e.g. 'sync[L0,L2,rest]+apply[L1,L3]';
+        slice i of a sync in flight is 'send{i+1}[...]'."""
         if self.kind is not StepKind.SYNC:
             return self.kind.value
         every = frozenset(range(num_layers)) | {REST_UNIT}
         sync = "sync" if self.sync == every else f"sync[{_short(self.sync)}]" if self.sync else ""
+        sends = [f"send{i + 1}" + ("" if units == every else f"[{_short(units)}]")
+                 for units, i in sorted(self.send, key=lambda s: s[1])]
         apply = f"apply[{_short(self.apply)}]" if self.apply else ""
-        return "+".join(p for p in (sync, apply) if p)
+        return "+".join(p for p in (sync, *sends, apply) if p)
 
 
 DDP_PLAN, LOCAL_PLAN = StepPlan(StepKind.DDP), StepPlan(StepKind.LOCAL)
@@ -104,6 +119,7 @@ class Method:
     fragment_delay: int = 0
     period: tuple[Units, ...] = ()  # plsgd / dreamddp: the units each step of a period averages
     anchored: bool = False  # averaging sends theta_r minus the last synced value (compressed)
+    slices: int = 1  # a delayed sync's payload travels in this many slices, one per step
 
     @classmethod
     def from_config(cls, cfg: MethodConfig, num_layers: int,
@@ -118,7 +134,7 @@ class Method:
         rule = RULES[cfg.name]
         anchored = cfg.compression != "none" and rule in (SyncRule.AVERAGE, SyncRule.PARTIAL)
         return cls(cfg.name, rule, cfg.warmup_steps, cfg.sync_every, num_layers, fragments,
-                   cfg.fragment_delay, period, anchored)
+                   cfg.fragment_delay, period, anchored, delay_slices(cfg))
 
     @property
     def units(self) -> Units:
@@ -167,7 +183,9 @@ class Method:
                      else frozenset())
         else:
             sync, apply = self._due(local_index + 1), frozenset()
-        return StepPlan(StepKind.SYNC, sync, apply) if sync or apply else LOCAL_PLAN
+        send = frozenset((self._due(local_index - i), i) for i in range(1, self.slices)
+                         if self._due(local_index - i))
+        return StepPlan(StepKind.SYNC, sync, apply, send) if sync or apply or send else LOCAL_PLAN
 
     def plans(self, first: int = 0, last: int | None = None) -> list[StepPlan]:
         """The distinct step plans of steps `first`..`last - 1` (default: every plan the method

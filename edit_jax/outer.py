@@ -48,6 +48,18 @@ class PenaltyState(NamedTuple):
     residual: Any = None  # error feedback: this replica's (it differs between replicas)
 
 
+class PenaltyTransformation(optax.GradientTransformationExtraArgs):
+    """`pseudo_gradient_penalty`'s transformation. Besides `init` and `update` it carries the
+    two halves of `update` either side of the combination, for a combination spread over
+    several steps (sliced delayed syncs, sync.py): `weigh(delta, state, norms=, steps=)` ->
+    state with the weights, and `land(combined, state, params)` -> (updates, state)."""
+
+    def __new__(cls, init, update, weigh, land):
+        transformation = super().__new__(cls, init, update)
+        transformation.weigh, transformation.land = weigh, land
+        return transformation
+
+
 def init_anomaly_stats(num_replicas: int) -> AnomalyStats:
     """Zero statistics for `num_replicas` replicas (the reference code starts at zero too)."""
     zeros = jnp.zeros((num_replicas,), jnp.float32)
@@ -119,8 +131,30 @@ def replica_norms(delta, *, replica_axis: str, shard_axis: str | None = None,
 
     Returns:
         f32[R]: entry r is replica r's L2 norm.
+
+    One psum over `replica_axis` and `shard_axis` together of every replica's partial sums of
+    squares (one row per group of leaves, a whole leaf counted on shard 0 only) gives the same
+    sums as a psum over `shard_axis` and a gather over replicas, in one collective whose device
+    groups differ from those of the step's psums over `shard`, so XLA never merges it into one
+    of them (which would make a sync started from the step's input wait for the backward pass).
     """
-    return gather_replicas(_norm(delta, shard_axis, sharded_mask), replica_axis)
+    axes = jax.tree.leaves(_split_axes(delta, shard_axis, sharded_mask),
+                           is_leaf=lambda a: isinstance(a, tuple))
+    groups: dict[tuple[str, ...], jax.Array] = {}
+    for x, split in zip(jax.tree.leaves(delta), axes):
+        sq = jnp.sum(jnp.square(x.astype(jnp.float32)))
+        groups[split] = groups[split] + sq if split in groups else sq
+    num_replicas = jax.lax.axis_size(replica_axis)
+    mine = jnp.arange(num_replicas) == jax.lax.axis_index(replica_axis)
+    first_shard = True if shard_axis is None else jax.lax.axis_index(shard_axis) == 0
+    rows = jnp.stack([jnp.where(mine & (True if split else first_shard), sq, 0.0)
+                      for split, sq in groups.items()])
+    summed = jax.lax.psum(rows, (replica_axis,) if shard_axis is None
+                          else (replica_axis, shard_axis))
+    total = jnp.zeros((num_replicas,), jnp.float32)
+    for row in summed:
+        total = total + row
+    return jnp.sqrt(total)
 
 
 def penalty_weights(norms: jax.Array, stats: AnomalyStats, *, anomaly: bool = True,
@@ -215,13 +249,17 @@ def combine(delta, weights: jax.Array, *, replica_axis: str):
     Returns:
         The combined pseudo-gradient, identical on every replica, in `delta`'s dtypes.
     """
-    weight = weights[jax.lax.axis_index(replica_axis)]
-
-    def weighted(x):
-        return jnp.where(weight > 0, weight * x.astype(jnp.float32), 0.0)
-
-    summed = jax.lax.psum(jax.tree.map(weighted, delta), replica_axis)
+    summed = jax.lax.psum(weighted_terms(delta, weights, replica_axis=replica_axis),
+                          replica_axis)
     return jax.tree.map(lambda s, x: s.astype(x.dtype), summed, delta)
+
+
+def weighted_terms(delta, weights: jax.Array, *, replica_axis: str):
+    """This replica's f32 term of `combine`'s sum: weights[r] * delta_r, exact zeros if the
+    weight is 0 (even where delta holds NaN or inf)."""
+    weight = weights[jax.lax.axis_index(replica_axis)]
+    return jax.tree.map(lambda x: jnp.where(weight > 0, weight * x.astype(jnp.float32), 0.0),
+                        delta)
 
 
 def clip_by_norm(tree, clip_norm: float, *, shard_axis: str | None = None, sharded_mask=None,
@@ -253,7 +291,7 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
                             step_weighting: float = 0.0, replica_split_mask=None,
                             compression: Compression | TopK | None = None,
                             error_feedback: bool = False
-                            ) -> optax.GradientTransformationExtraArgs:
+                            ) -> PenaltyTransformation:
     """EDiT's pseudo-gradient penalty around `outer_optimizer`; call it once per replica.
 
     `update(delta_r, state, params=phi)` takes this replica's delta_r = phi - theta_r, gathers
@@ -300,7 +338,8 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
             needs it): it differs between replicas, so keep the state per replica.
 
     Returns:
-        An `optax.GradientTransformationExtraArgs` whose state is a `PenaltyState`.
+        A `PenaltyTransformation` (an `optax.GradientTransformationExtraArgs`) whose state is a
+        `PenaltyState`.
 
     Example:
         >>> import jax, jax.numpy as jnp, optax
@@ -343,8 +382,10 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
                             outliers=jnp.zeros((num_replicas,), bool),
                             residual=optax.tree.zeros_like(params) if error_feedback else None)
 
-    def update_fn(updates, state: PenaltyState, params=None, *, norms: jax.Array | None = None,
-                  steps: jax.Array | None = None, **extra_args: Any) -> tuple[Any, PenaltyState]:
+    def weigh(updates, state: PenaltyState, *, norms: jax.Array | None = None,
+              steps: jax.Array | None = None) -> PenaltyState:
+        """The first half of `update`: the norms (unless given), the outlier test and the
+        weights, kept in the returned state; the combination is the caller's."""
         axis_size = jax.lax.axis_size(replica_axis)
         if axis_size != num_replicas:
             raise UserError(f"num_replicas is {num_replicas} but axis {replica_axis!r} has "
@@ -360,24 +401,35 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
             norms, state.stats, anomaly=anomaly, weighting=weighting, temperature=temperature,
             alpha=alpha, anomaly_warmup=anomaly_warmup, threshold=threshold, steps=steps,
             step_weighting=step_weighting)
-        residual = state.residual
-        if stacked:
-            combined = stacked_combine(updates, weights)
-        elif compression is None:
-            combined = combine(updates, weights, replica_axis=replica_axis)
-        else:
-            combined, residual = compression.combine(updates, weights, replica_axis=replica_axis,
-                                                     residual=residual)
+        return state._replace(stats=stats, weights=weights, outliers=outliers)
+
+    def land(combined, state: PenaltyState, params=None, **extra_args: Any):
+        """The second half of `update`: clip the combined pseudo-gradient and apply the outer
+        optimizer, or skip the step if `weigh` found every replica an outlier."""
         combined = clip_by_norm(combined, clip_norm, shard_axis=shard_axis,
                                 sharded_mask=sharded_mask, replica_axis=replica_axis,
                                 replica_split_mask=replica_split_mask)
         new_updates, inner_state = outer.update(combined, state.inner_state, params, **extra_args)
-        skip = jnp.all(outliers)
+        skip = jnp.all(state.outliers)
         new_updates = optax.tree.where(skip, optax.tree.zeros_like(new_updates), new_updates)
         inner_state = optax.tree.where(skip, state.inner_state, inner_state)
-        return new_updates, PenaltyState(stats, inner_state, weights, outliers, residual)
+        return new_updates, state._replace(inner_state=inner_state)
 
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    def update_fn(updates, state: PenaltyState, params=None, *, norms: jax.Array | None = None,
+                  steps: jax.Array | None = None, **extra_args: Any) -> tuple[Any, PenaltyState]:
+        state = weigh(updates, state, norms=norms, steps=steps)
+        if stacked:
+            combined = stacked_combine(updates, state.weights)
+        elif compression is None:
+            combined = combine(updates, state.weights, replica_axis=replica_axis)
+        else:
+            combined, residual = compression.combine(updates, state.weights,
+                                                     replica_axis=replica_axis,
+                                                     residual=state.residual)
+            state = state._replace(residual=residual)
+        return land(combined, state, params, **extra_args)
+
+    return PenaltyTransformation(init_fn, update_fn, weigh, land)
 
 
 class DelayedNesterovState(NamedTuple):

@@ -1,20 +1,24 @@
 """`edit-jax plot`: the loss curves of several runs in one PNG, against tokens, steps, wall time
-or the bytes each device sent over `replica`.
+or the bytes each device sent over `replica`; and a comparison's summary, the final loss of
+each run against its wire bytes.
 
-The top panel has each run's train loss (thin) and validation loss (markers); runs with sync
-rows (edit, a_edit) add a panel of the replicas' sync weights and, when replicas ran different
-numbers of local steps (a_edit), one of those. Each run is labelled by its method and the
-settings that tell such runs apart, read from the `config.json` `edit-jax train` writes. Drawn
-with matplotlib's Agg canvas: no display needed. Reading needs no JAX.
+The curves show what a comparison's table says: validation loss, on a y-range that shows the
+last three quarters of training (train loss smoothed, and panels of the replicas' sync weights
+and local steps, on request). Each run is labelled by its method and settings, read from the
+`config.json` `edit-jax train` writes, and the legend keeps only the words that differ between
+runs. Drawn with matplotlib's Agg canvas: no display needed. Reading needs no JAX.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
+from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
 
 from edit_jax.errors import UserError
 from edit_jax.metrics import read_rows
@@ -101,46 +105,151 @@ def _column(rows: list[dict], key: str, run: Run) -> list:
     return [r[key] for r in rows]
 
 
-def plot_runs(runs: list[Run], x: str = "tokens") -> Figure:
-    """The figure: losses on top, sync weights and local steps below where runs have them."""
+def distinct_labels(labels: list[str]) -> list[str]:
+    """Each label without the words every label shares (the legend then names what differs);
+    labels left empty keep their words."""
+    words = [label.split() for label in labels]
+    common = set.intersection(*map(set, words)) if len(words) > 1 else set()
+    return [" ".join(w for w in ws if w not in common) or label
+            for ws, label in zip(words, labels)]
+
+
+def smoothed(values: list[float], weight: float = 0.8) -> list[float]:
+    """An exponential moving average (TensorBoard's smoothing), started at the first value."""
+    out, last = [], None
+    for v in values:
+        last = v if last is None else weight * last + (1 - weight) * v
+        out.append(last)
+    return out
+
+
+def _loss_range(runs: list[Run], x: str) -> tuple[float, float] | None:
+    """A y-range for the last three quarters of training: from the lowest validation loss to
+    the highest one past the first quarter of the x-axis, with a margin."""
+    evals = [(r[x], r["eval_loss"]) for run in runs for r in run.eval if x in r]
+    if not evals:
+        return None
+    start = max(v for v, _ in evals) / 4
+    late = [l for v, l in evals if v >= start] or [l for _, l in evals]
+    low, high = min(l for _, l in evals), max(late)
+    margin = 0.05 * (high - low) or 0.05
+    return low - margin, high + margin
+
+
+def plot_runs(runs: list[Run], x: str = "tokens", *, train: bool = False,
+              sync: bool = False) -> Figure:
+    """The figure: each run's validation loss (a line with markers), on a y-range that shows
+    the last three quarters of training; with `train` its train loss too, smoothed; with `sync`
+    panels of the replicas' sync weights and (where replicas ran different numbers of local
+    steps, a_edit) of those. Bytes go on a log axis. The legend names what tells runs apart."""
     if x not in X_AXES:
         raise UserError(f"--x {x!r} is not one of {', '.join(X_AXES)}")
-    synced = [run for run in runs if run.sync]
+    synced = [run for run in runs if run.sync] if sync else []
     uneven = [run for run in synced if any(len(set(r["local_steps"])) > 1 for r in run.sync)]
     lower = [(key, title, members) for key, title, members in (
         ("weights", "sync weight", synced), ("local_steps", "local steps per sync", uneven))
         if members]
-    fig = Figure(figsize=(12, 4 + 2.5 * len(lower)), layout="constrained")
+    fig = Figure(figsize=(11, 5 + 2.5 * len(lower)), layout="constrained")
     axes = fig.subplots(1 + len(lower), 1, sharex=True, squeeze=False)[:, 0]
-    for i, run in enumerate(runs):
-        color = f"C{i % 10}"
-        axes[0].plot(_column(run.train, x, run), [r["loss"] for r in run.train], color=color,
-                     linewidth=0.8, alpha=0.6, label=f"{run.label} train")
+    labels = distinct_labels([run.label for run in runs])
+    palette = colormaps["tab20"] if len(runs) > 10 else None  # 20 distinct colours
+    for i, (run, label) in enumerate(zip(runs, labels)):
+        color = palette(i % 20) if palette else f"C{i}"
         if run.eval:
             axes[0].plot(_column(run.eval, x, run), [r["eval_loss"] for r in run.eval],
-                         color=color, marker="o", label=f"{run.label} val")
+                         color=color, marker="o", markersize=3,
+                         label=f"{label} val" if train else label)
+        if train or not run.eval:
+            axes[0].plot(_column(run.train, x, run), smoothed([r["loss"] for r in run.train]),
+                         color=color, linewidth=0.8, alpha=0.6, label=f"{label} train")
         for ax, (key, _, members) in zip(axes[1:], lower):
             if run in members:
                 xs = _column(run.sync, x, run)
                 for replica in range(len(run.sync[0][key])):
                     ax.plot(xs, [r[key][replica] for r in run.sync], color=color,
                             linestyle=("-", "--", ":", "-.")[replica % 4],
-                            label=f"{run.label} r{replica}")
-    axes[0].set_ylabel("loss")
+                            label=f"{label} r{replica}")
+    y_range = _loss_range(runs, x)
+    if y_range is not None and not train:
+        axes[0].set_ylim(*y_range)
+    axes[0].set_ylabel("validation loss" if not train else "loss (train smoothed)")
+    axes[0].grid(True, alpha=0.3)
     beside = {"loc": "upper left", "bbox_to_anchor": (1.01, 1)}  # never over the curves
     axes[0].legend(fontsize="small", **beside)
     for ax, (_, title, _) in zip(axes[1:], lower):
         ax.set_ylabel(title)
-        ax.legend(fontsize="x-small", ncol=2, **beside)
-    axes[-1].set_xlabel(X_AXES[x])
+        ax.legend(fontsize="x-small", **beside)
+    if x == "replica_bytes":
+        axes[-1].set_xscale("log", nonpositive="mask")
+        axes[-1].xaxis.set_major_formatter(EngFormatter(unit="B"))
+        axes[-1].xaxis.set_minor_formatter(EngFormatter(unit="B"))
+    axes[-1].set_xlabel(X_AXES[x] + (" (log)" if x == "replica_bytes" else ""))
     return fig
 
 
-def save_plot(runs: list[Run], x: str, out: str | Path) -> Path:
-    """Write the figure to exactly `out` (missing parent directories are created), in the
-    format its extension names (.png, .pdf, .svg, ...)."""
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (bytes, loss) points no other point beats on both (fewer or equal bytes
+    and lower loss), by increasing bytes."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], float("inf")
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_final_vs_bytes(rows: list[dict], bytes_key: str = "replica_wire_bytes_per_step"
+                        ) -> Figure:
+    """One point per run: its final validation loss against its bytes per step over `replica`
+    (log axis), each point labelled, the Pareto front (no run has fewer bytes and a lower loss)
+    joined by a line. `rows`: compare_methods.py's, with `label`, `final_eval_loss` and
+    `bytes_key`."""
+    rows = [r for r in rows if r.get(bytes_key)]
+    if not rows:
+        raise UserError(f"no run has {bytes_key!r}; record the runs with compare_methods.py")
+    points = [(r[bytes_key], r["final_eval_loss"]) for r in rows]
+    fig = Figure(figsize=(10, 6), layout="constrained")
+    ax = fig.subplots()
+    ax.set_xscale("log")
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = {method: f"C{i}" for i, method in enumerate(methods)}
+    for method in methods:  # one colour per method
+        mine = [p for row, p in zip(rows, points) if row["method"] == method]
+        ax.scatter([b for b, _ in mine], [l for _, l in mine], color=colors[method],
+                   label=method, zorder=3)
+    span = max(l for _, l in points) - min(l for _, l in points) or 1.0
+    placed: list[tuple[float, float]] = []
+    for i in sorted(range(len(rows)), key=lambda i: (-points[i][1], points[i][0])):
+        row, (b, l) = rows[i], points[i]  # each point named by its settings; crowded: below
+        crowded = sum(abs(math.log(b / pb)) < 0.3 and abs(l - pl) < 0.02 * span
+                      for pb, pl in placed)
+        settings = row["label"].removeprefix(row["method"]).replace("compression=", "").strip()
+        ax.annotate(settings or "fp32", (b, l), textcoords="offset points",
+                    xytext=(5, 3 - 9 * crowded), fontsize="x-small", color=colors[row["method"]])
+        placed.append((b, l))
+    ax.set_xlim(right=max(b for b, _ in points) * 6)  # room for the rightmost labels
+    front = pareto_front(points)
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="C3",
+            drawstyle="steps-post", label="Pareto front", zorder=2)
+    ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
+    ax.set_xlabel("wire bytes per step per device over replica (log)")
+    ax.set_ylabel("final validation loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right")
+    return fig
+
+
+def save_plot(runs: list[Run], x: str, out: str | Path, *, train: bool = False,
+              sync: bool = False) -> Path:
+    """Write `plot_runs`'s figure to exactly `out` (missing parent directories are created), in
+    the format its extension names (.png, .pdf, .svg, ...)."""
+    return save_figure(plot_runs(runs, x, train=train, sync=sync), out)
+
+
+def save_figure(fig: Figure, out: str | Path) -> Path:
+    """`fig` to exactly `out`, as `save_plot` writes it."""
     out = Path(out)
-    fig = plot_runs(runs, x)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; name a file in it, e.g. {out / 'loss.png'}")
     if out.suffix[1:].lower() not in fig.canvas.get_supported_filetypes():

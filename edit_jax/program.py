@@ -110,7 +110,13 @@ class Program:
 
     @functools.cached_property
     def eval_step(self):
+        """jit: (replica-stacked params, batches) -> the replicas' mean's loss."""
         return make_eval_step(self.graphdef, self.layout)
+
+    @functools.cached_property
+    def eval_phi_step(self):
+        """jit: (phi, batches) -> phi's loss, with no traffic over `replica` but the loss."""
+        return make_eval_step(self.graphdef, self.layout, phi=True)
 
     @functools.cached_property
     def begin_local_phase(self):

@@ -24,6 +24,7 @@ class OuterState(NamedTuple):
     rest: PenaltyState  # the non-layer unit's outer optimizer state and penalty statistics
     layers: PenaltyState  # the same per layer, stacked over the L layers
     synced_steps: jax.Array  # i32[F, R]: every replica's step count at fragment f's last sync
+    arrived: Params | None = None  # sliced delayed syncs: the f32 sums of the slices arrived
 
 
 class TrainState(NamedTuple):
@@ -34,7 +35,8 @@ class TrainState(NamedTuple):
     replica_steps: jax.Array  # i32[R]: inner steps each replica has taken
     outer: OuterState | None = None  # methods with an outer optimizer only
     residual: Params | None = None  # error feedback: what quantization dropped, per replica
+    in_flight: Params | None = None  # sliced delayed syncs: each replica's f32 terms to send
 
     def local_part(self) -> TrainState:
         """The part a local step changes (a_edit moves it between meshes)."""
-        return self._replace(outer=None, residual=None)
+        return self._replace(outer=None, residual=None, in_flight=None)

@@ -8,8 +8,9 @@ step; they differ in the step's plan (methods.py):
   LOCAL  no collective over `replica` at all;
   SYNC   a local step plus the method's rule on the plan's units: EDiT's whole-model sync runs
          inside the forward pass (the non-layer unit just before it); fragments and delayed
-         syncs run from the step's input; DiLoCo's outer step and local SGD's averaging run
-         after the inner update; DreamDDP averages the step's input parameters.
+         syncs run from the step's input (a sliced delayed sync: its start and one slice per
+         step, its landing after the update); DiLoCo's outer step and local SGD's averaging
+         run after the inner update; DreamDDP averages the step's input parameters.
 Compressed local SGD and DreamDDP average from an anchor through the outer sync (sync.py), at
 the same places; error feedback's residuals ride in `TrainState.residual`.
 """
@@ -74,9 +75,12 @@ def _fresh_state(params: Params, num_replicas: int, tx: optax.GradientTransforma
                  outer: OuterSync | None) -> TrainState:
     stacked = stack_replicas(params, num_replicas)
     feedback = outer is not None and outer.error_feedback
+    sliced = outer is not None and outer.slices > 1
     return TrainState(stacked, jax.vmap(tx.init)(stacked), jnp.zeros((num_replicas,), jnp.int32),
                       None if outer is None else outer.init(params),
-                      jax.tree.map(jnp.zeros_like, stacked) if feedback else None)
+                      jax.tree.map(jnp.zeros_like, stacked) if feedback else None,
+                      jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), stacked)
+                      if sliced else None)
 
 
 def make_layout(mesh: jax.sharding.Mesh, params_shapes: Params, tx: optax.GradientTransformation,
@@ -88,7 +92,8 @@ def make_layout(mesh: jax.sharding.Mesh, params_shapes: Params, tx: optax.Gradie
     state_specs = TrainState(specs, optimizer_specs(tx, opt_shapes, specs, P("replica")),
                              P("replica"),
                              None if outer is None else outer_specs(outer, params_shapes, dims),
-                             specs if outer is not None and outer.error_feedback else None)
+                             specs if outer is not None and outer.error_feedback else None,
+                             specs if outer is not None and outer.slices > 1 else None)
     return Layout(mesh, dims, state_specs)
 
 
@@ -99,7 +104,8 @@ def outer_specs(outer: OuterSync, params_shapes: Params, dims: Params) -> OuterS
     shapes = jax.eval_shape(outer.init, params_shapes)
     rest_specs, layer_specs = split_units(phi_specs)
     return OuterState(phi_specs, optimizer_specs(outer.rest_tx, shapes.rest, rest_specs),
-                      optimizer_specs(outer.layer_tx, shapes.layers, layer_specs), P())
+                      optimizer_specs(outer.layer_tx, shapes.layers, layer_specs), P(),
+                      phi_specs if outer.slices > 1 else None)
 
 
 def init_state(layout: Layout, init_params, tx: optax.GradientTransformation,
@@ -153,7 +159,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
 
     `plan` says what the step does over `replica` (methods.py); `method` gives the rule and
     where each sync runs: EDiT's whole-model sync inside the layer scan; an outer sync due at the
-    start of the step (edit's fragments, any delayed fragment) from the step's input; DiLoCo's
+    start of the step (edit's fragments, any delayed fragment; a sliced one sends the plan's
+    slices from the step's input too and lands after the update) from the step's input; DiLoCo's
     after the inner update; local SGD's averaging after the update; DreamDDP's averaging of the
     step's input parameters, which the update then starts from. metrics: 'loss' and
     'grad_norm' per replica (shape (R,)); on outer syncs the replica weights and outliers, the
@@ -166,17 +173,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
     rule = method.rule if method is not None and plan.kind is StepKind.SYNC else SyncRule.NONE
     outer_sync = bool(plan.sync) and (rule in (SyncRule.OUTER, SyncRule.LAYERWISE)
                                       or (rule is not SyncRule.NONE and method.anchored))
-    if (outer_sync or plan.apply) and outer is None:
+    if (outer_sync or plan.apply or plan.send) and outer is None:
         raise ValueError(f"the {rule.value} sync needs an OuterSync")
     in_scan = (outer_sync and rule is SyncRule.LAYERWISE and plan.sync == method.units
                and method.fragment_delay == 0)
-    at_start = outer_sync and not in_scan and method.sends_at_start
+    sliced = method is not None and method.slices > 1
+    at_start = outer_sync and not in_scan and method.sends_at_start and not sliced
     at_end = outer_sync and not in_scan and not method.sends_at_start
+    slices = sorted(({(plan.sync, 0)} if outer_sync and sliced else set()) | plan.send,
+                    key=lambda s: s[1])
 
     def local_step(state: TrainState, tokens_bxT1):
         outer_state = state.outer
         theta = _unstack(state.params)
         residual = None if state.residual is None else _unstack(state.residual)
+        in_flight = None if state.in_flight is None else _unstack(state.in_flight)
         metrics = {}
         if in_scan:
             extra, totals = outer.sync_inputs(theta, outer_state, state.replica_steps, plan.sync)
@@ -188,6 +199,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
             metrics.update(_sync_metrics(outer_state, plan.sync))
             if not method.fragment_delay and rule is not SyncRule.PARTIAL:
                 theta = synced  # the synced values take part in this step
+        elif outer_sync and sliced:  # weighed from the step's input, its first slice sent below
+            outer_state, in_flight, metrics["sync_local_steps"] = outer.start_sliced(
+                theta, outer_state, state.replica_steps, plan.sync, in_flight)
+            metrics.update(_sync_metrics(outer_state, plan.sync))
+        for units, index in slices:  # from the step's input too
+            outer_state = outer.send_slice(outer_state, in_flight, units, index)
 
         def replica_loss_part(params):
             # Each device's share of its replica's mean loss; the all-gather's transpose sums
@@ -219,10 +236,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
             theta, outer_state, metrics["sync_local_steps"], residual = outer.sync_units(
                 theta, outer_state, replica_steps, plan.sync, residual)
             metrics.update(_sync_metrics(outer_state, plan.sync))
-        if plan.apply:  # a delayed fragment's outer step lands
+        if plan.apply and sliced:  # a sliced fragment's last slice has arrived
+            theta, outer_state = outer.land_sliced(theta, outer_state, plan.apply)
+        elif plan.apply:  # a delayed fragment's outer step lands
             theta = outer.apply_units(theta, outer_state, plan.apply)
         new_state = TrainState(_stack(theta), _stack(opt_state), replica_steps, outer_state,
-                               None if residual is None else _stack(residual))
+                               None if residual is None else _stack(residual),
+                               None if in_flight is None else _stack(in_flight))
         # Per replica (averaged on the host): a collective here would tie the replicas together.
         metrics["loss"] = jax.lax.psum(loss_part, "shard")[None]
         metrics["grad_norm"] = grad_norm[None]
@@ -238,18 +258,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
     return jax.jit(step, donate_argnums=0)
 
 
-def make_eval_step(graphdef, layout: Layout):
-    """jit(shard_map): (params, tokens of N batches) -> mean loss of the replica-averaged model
-    over the N batches. The replicas are averaged once per evaluation, not once per batch: on a
-    slow link between replicas that average is the evaluation's cost."""
+def make_eval_step(graphdef, layout: Layout, phi: bool = False):
+    """jit(shard_map): (params, tokens of N batches) -> mean loss over the N batches of the
+    replica-averaged model, or with `phi` of the outer state's phi (then pass
+    `state.outer.phi`): the replicas are averaged once per evaluation, not once per batch, and
+    on a slow link between replicas that average is the evaluation's cost, which phi, whole on
+    every replica, does not have (only the scalar loss crosses)."""
     gather = make_gather(layout.dims)
 
     def local_eval(params, tokens_Nxbx_T1):
-        mean_params = jax.lax.pmean(_unstack(params), "replica")
-        losses = jax.lax.map(lambda tokens: loss_fn(graphdef, mean_params, tokens, gather)[0],
+        params = params if phi else jax.lax.pmean(_unstack(params), "replica")
+        losses = jax.lax.map(lambda tokens: loss_fn(graphdef, params, tokens, gather)[0],
                              tokens_Nxbx_T1)
         return jax.lax.pmean(jnp.mean(losses), ("replica", "shard"))
 
+    params_specs = layout.state_specs.outer.phi if phi else layout.state_specs.params
     return jax.jit(jax.shard_map(local_eval, mesh=layout.mesh,
-                                 in_specs=(layout.state_specs.params, P(None, *BATCH_SPEC)),
-                                 out_specs=P()))
+                                 in_specs=(params_specs, P(None, *BATCH_SPEC)), out_specs=P()))

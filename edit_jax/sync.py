@@ -11,7 +11,11 @@ EDiT's whole-model sync runs per layer inside the forward pass's layer scan (`la
 right before that layer's all-gather; any other set of units (a fragment, DiLoCo's whole model)
 runs through `sync_units`, per layer under `vmap` over the selected layers. Local SGD and
 DreamDDP only average (`average_units`); a delayed fragment's outer step is blended in later by
-`apply_units`.
+`apply_units`. A sliced delayed sync (methods.delay_slices) runs in three parts: `start_sliced`
+weighs the pseudo-gradients and keeps each replica's weighted term in `TrainState.in_flight`,
+`send_slice` sums one slice of it over `replica` per step into `OuterState.arrived`, and
+`land_sliced` takes the outer step from the sum and blends it in: the same values as the
+one-shot sync, since the sum is elementwise.
 
 With `method.compression` the combination moves 8- or 4-bit codes (compression.py). Syncs that
 average parameters (local SGD, DreamDDP) then send theta_r's difference from the units' last
@@ -31,6 +35,7 @@ norm granularity, the per-replica norms of the pseudo-gradient of all the synced
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +45,9 @@ import optax
 from edit_jax.compression import Compression
 from edit_jax.config import MethodConfig
 from edit_jax.fragments import blend
-from edit_jax.methods import REST_UNIT, Units
+from edit_jax.methods import REST_UNIT, Units, delay_slices
 from edit_jax.model import LAYER_GROUP, LayerSync, Params
-from edit_jax.outer import gather_replicas, pseudo_gradient_penalty, replica_norms
+from edit_jax.outer import gather_replicas, pseudo_gradient_penalty, replica_norms, weighted_terms
 from edit_jax.sharding import NOT_SHARDED
 from edit_jax.sparse import TopK
 from edit_jax.state import OuterState
@@ -160,6 +165,7 @@ class OuterSync:
     alpha: float  # the replica continues from alpha * theta_r + (1 - alpha) * phi
     replica_dims: Params | None  # per parameter: the shard dimension split over `replica`
     error_feedback: bool  # replicas carry what quantization dropped into the next sync
+    slices: int = 1  # a delayed sync's payload travels in this many slices, one per step
 
     @classmethod
     def create(cls, cfg: MethodConfig, num_replicas: int, fragments: tuple[Units, ...],
@@ -192,7 +198,8 @@ class OuterSync:
                    penalty and cfg.norm_granularity == "global", sharded_mask, num_replicas,
                    fragments, cfg.fragment_alpha, replica_dims,
                    compression is not None and (cfg.error_feedback
-                                                or isinstance(compression, TopK)))
+                                                or isinstance(compression, TopK)),
+                   delay_slices(cfg))
 
     def init(self, phi: Params, replica_steps: jax.Array | None = None) -> OuterState:
         """Fresh outer state at phi; `replica_steps` (i32[R], default zeros) counts as synced
@@ -201,8 +208,11 @@ class OuterSync:
         if replica_steps is None:
             replica_steps = jnp.zeros((self.num_replicas,), jnp.int32)
         synced = jnp.broadcast_to(replica_steps, (len(self.fragments), self.num_replicas))
+        arrived = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), phi)
+                   if self.slices > 1 else None)
         return OuterState(phi=phi, rest=self.rest_tx.init(rest),
-                          layers=jax.vmap(self.layer_tx.init)(layers), synced_steps=synced)
+                          layers=jax.vmap(self.layer_tx.init)(layers), synced_steps=synced,
+                          arrived=arrived)
 
     @property
     def num_layers(self) -> int:
@@ -321,8 +331,88 @@ class OuterSync:
                 new_residual = {**new_residual, LAYER_GROUP: selection.put(
                     residual[LAYER_GROUP], layers_residual)}
         synced = outer.synced_steps.at[fragment].set(totals)
-        return (new_theta, OuterState(phi, rest_state, layer_state, synced),
-                totals - outer.synced_steps[fragment], new_residual)
+        new_outer = outer._replace(phi=phi, rest=rest_state, layers=layer_state,
+                                   synced_steps=synced)
+        return new_theta, new_outer, totals - outer.synced_steps[fragment], new_residual
+
+    def _each_unit(self, units: Units, outer: OuterState, fn, inputs: tuple[Params, ...],
+                   into: tuple[Params, ...]):
+        """fn(transformation, unit state, *views of `inputs`) -> (*new views, new unit state)
+        on the selected non-layer unit and, under vmap, on the selected layers. Returns (the
+        trees `into` with the selected units' views replaced by the new ones, the outer state
+        with the units' new states)."""
+        selection = self.select(units)
+        new_trees, rest_state, layer_states = [dict(t) for t in into], outer.rest, outer.layers
+        if selection.rest:
+            *views, rest_state = fn(self.rest_tx, outer.rest,
+                                    *(split_units(t)[0] for t in inputs))
+            for new, view in zip(new_trees, views):
+                new.update(view)
+        if selection.has_layers:
+            *views, states = jax.vmap(lambda state, *xs: fn(self.layer_tx, state, *xs))(
+                selection.take(outer.layers), *(selection.take(t[LAYER_GROUP]) for t in inputs))
+            for new, tree, view in zip(new_trees, into, views):
+                new[LAYER_GROUP] = selection.put(tree[LAYER_GROUP], view)
+            layer_states = selection.put(outer.layers, states)
+        return new_trees, outer._replace(rest=rest_state, layers=layer_states)
+
+    def start_sliced(self, theta: Params, outer: OuterState, replica_steps: jax.Array,
+                     units: Units, in_flight: Params
+                     ) -> tuple[OuterState, Params, jax.Array]:
+        """A sliced sync's start, from the step's input: the penalty weighs the units'
+        pseudo-gradients (norms, outliers, weights, statistics) and this replica's weighted f32
+        terms go in flight. Returns (new outer state, new in-flight terms, the local steps per
+        replica since the fragment's last sync)."""
+        fragment = self.fragment_index(units)
+        extra, totals = self.sync_inputs(theta, outer, replica_steps, units, fragment)
+
+        def weigh(tx, state, theta_u, phi_u):
+            delta = jax.tree.map(jnp.subtract, phi_u, theta_u)
+            state = tx.weigh(delta, state, **extra)
+            return weighted_terms(delta, state.weights, replica_axis="replica"), state
+
+        (in_flight,), outer = self._each_unit(units, outer, weigh, (theta, outer.phi),
+                                              (in_flight,))
+        synced = outer.synced_steps.at[fragment].set(totals)
+        return (outer._replace(synced_steps=synced), in_flight,
+                totals - outer.synced_steps[fragment])
+
+    def send_slice(self, outer: OuterState, in_flight: Params, units: Units,
+                   index: int) -> OuterState:
+        """Slice `index` of the units' in-flight terms, summed over `replica` by one all-reduce
+        (from the step's input: it depends on nothing the step computes), into
+        `outer.arrived`. Slice i of a leaf is its flat elements [i c, (i + 1) c), c = ceil(n /
+        slices)."""
+        selection = self.select(units)
+
+        def cut(x):
+            size = math.ceil(x.size / self.slices)
+            return x.reshape(-1)[index * size:(index + 1) * size]
+
+        summed = jax.lax.psum(jax.tree.map(cut, selection.view(in_flight)), "replica")
+
+        def put(x, part):
+            size = math.ceil(x.size / self.slices)
+            return x.reshape(-1).at[index * size:index * size + part.size].set(part).reshape(
+                x.shape)
+
+        arrived = jax.tree.map(put, selection.view(outer.arrived), summed)
+        return outer._replace(arrived=selection.merge(outer.arrived, arrived))
+
+    def land_sliced(self, theta: Params, outer: OuterState, units: Units
+                    ) -> tuple[Params, OuterState]:
+        """A sliced sync lands once its last slice has arrived: the penalty clips the sum and
+        the outer optimizer steps phi; the units continue from phi blended by `alpha`."""
+
+        def step(tx, state, phi_u, summed):
+            combined = jax.tree.map(lambda s, p: s.astype(p.dtype), summed, phi_u)
+            updates, state = tx.land(combined, state, phi_u)
+            return optax.apply_updates(phi_u, updates), state
+
+        (phi,), outer = self._each_unit(units, outer, step, (outer.phi, outer.arrived),
+                                        (outer.phi,))
+        outer = outer._replace(phi=phi)
+        return self.apply_units(theta, outer, units), outer
 
     def apply_units(self, theta: Params, outer: OuterState, units: Units) -> Params:
         """A delayed fragment's outer step lands: its units continue from phi, blended with

@@ -261,6 +261,8 @@ class _Loop:
         # Before the clock starts: wall time is training, not compiling.
         program.precompile(self.step, program.cfg.run.steps)
         self.eval_step = program.eval_step.lower(state.params, eval_batches).compile()
+        self.eval_phi_step = (program.eval_phi_step.lower(state.outer.phi, eval_batches).compile()
+                              if program.cfg.run.eval_params == "phi" else None)
         self.cfg, layout = program.cfg, program.layout
         self.tokens_per_replica_step = (self.cfg.data.global_batch_size // layout.num_replicas
                                         * self.cfg.data.seq_len)
@@ -386,7 +388,10 @@ class _Loop:
 
     def evaluate(self, record: bool = True) -> float:
         with self.watchdog.guard(f"the evaluation at step {self.step}"):
-            loss = float(self.eval_step(self.state.params, self.eval_batches))
+            if self.eval_phi_step is not None and self.step > self.program.method.warmup_steps:
+                loss = float(self.eval_phi_step(self.state.outer.phi, self.eval_batches))
+            else:  # phi is set when the local phase begins
+                loss = float(self.eval_step(self.state.params, self.eval_batches))
         if record:
             self.metrics.write({"step": self.step, "eval_loss": loss, **self.progress()})
         log(f"step {self.step}: eval loss {loss:.4f}")

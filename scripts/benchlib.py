@@ -107,10 +107,12 @@ def method_spec(spec: str) -> tuple[str, str, list[str]]:
     """(label, method name, config overrides) of a `--methods` entry: a method name, optionally
     with method settings after colons, e.g. `diloco:fragments=2:fragment_delay=1` ->
     ('diloco fragments=2 fragment_delay=1', 'diloco', ['method.name=diloco',
-    'method.fragments=2', 'method.fragment_delay=1'])."""
+    'method.fragments=2', 'method.fragment_delay=1']); a dotted key is any config key
+    (`diloco:run.eval_params=phi`)."""
     name, *settings = spec.split(":")
     for setting in settings:
         if "=" not in setting:
             raise SystemExit(f"--methods entry {spec!r}: expected NAME:KEY=VALUE:...")
-    overrides = [f"method.name={name}", *(f"method.{s}" for s in settings)]
+    overrides = [f"method.name={name}", *(s if "." in s.partition("=")[0] else f"method.{s}"
+                                          for s in settings)]
     return " ".join([name, *settings]), name, overrides

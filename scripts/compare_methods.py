@@ -15,7 +15,8 @@ Each row has the final validation loss, its difference to ddp's, the tokens, the
 bytes each device sent over `replica` (from the compiled HLO, see `metrics.jsonl`), and the
 mean and peak replica bytes per step over a sync period and the mean wire bytes per step
 (`edit-jax inspect`'s figures; compressed syncs are compared on wire bytes). The PNGs
-(`edit-jax plot`) show loss against tokens and against replica bytes; loss against wall time
+(`edit-jax plot`) show loss against tokens and against replica bytes, and the final loss of
+each run against its wire bytes per step with the Pareto front marked; loss against wall time
 over a slow link comes from `scripts/slow_link_time_to_loss.py`.
 """
 
@@ -146,11 +147,12 @@ def main() -> None:
               f"{'-' if wire is None else f'{wire:,.0f}':>11}")
     write_report({"config": args.config or "tiny", "steps": args.steps, "runs": rows}, out)
     if args.plots != "none":
-        from edit_jax.plot import load_runs, save_plot
+        from edit_jax.plot import load_runs, plot_final_vs_bytes, save_figure, save_plot
 
         curves = load_runs([r["run_dir"] for r in rows], labels=[r["label"] for r in rows])
         for x in ("tokens", "replica_bytes"):
             save_plot(curves, x, f"{args.plots}_loss_vs_{x}.png")
+        save_figure(plot_final_vs_bytes(rows), f"{args.plots}_final_loss_vs_wire_bytes.png")
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ def main() -> None:
     if args.plot != "none":
         from edit_jax.plot import load_runs, save_plot
 
-        runs = load_runs([r["run_dir"] for r in results.values()])
+        runs = load_runs([r["run_dir"] for r in results.values()], labels=list(results))
         print(f"wrote {save_plot(runs, 'wall_time', args.plot)}", file=sys.stderr)
 
 

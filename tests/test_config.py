@@ -51,6 +51,8 @@ def test_overrides_are_typed_and_win(tmp_path):
     (["method.fragments=4", "method.sync_every=6"], "use a sync_every divisible by 4"),
     (["method.fragment_delay=9"], "'method.fragment_delay': must be in [0, method.sync_every=8]"),
     (["method.fragment_layout=blocks"], "'method.fragment_layout'"),
+    (["run.eval_params=mean"], "'run.eval_params': 'mean' is not average or phi"),
+    (["method.name=local_sgd", "run.eval_params=phi"], "use average for other methods"),
     (["method.link_gbps=0"], "'method.link_gbps': must be positive"),
     (["method.compression=int2"], "'method.compression': 'int2' is not one of"),
     (["method.name=ddp", "method.compression=int8"], "ddp averages fp32 gradients"),

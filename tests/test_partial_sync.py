@@ -24,6 +24,7 @@ from edit_jax.inspect_steps import bytes_per_device, inspect_program
 from edit_jax.mesh import make_mesh
 from edit_jax.methods import REST_UNIT, Method
 from edit_jax.program import build_program
+from edit_jax.step import make_layout
 from edit_jax.sync import OuterSync
 from test_sync import (EDIT, MODEL, R, VOCAB, ReferenceSync, _assert_replicas_equal, _batches,
                        _config, _reference_functions, _run_ours, _set_units, _unit_arrays)
@@ -56,9 +57,25 @@ def test_plans_of_streaming_methods():
     assert names(edit) == ["ddp", "local", "local", "sync[L0,L2]", "local", "sync[L1,L3,rest]",
                            "local", "sync[L0,L2]", "local", "sync[L1,L3,rest]"]
     delayed = Method.from_config(dataclasses.replace(method, fragment_delay=2), 4)
-    assert names(delayed) == ["ddp", "local", "local", "sync[L0,L2]", "apply[L0,L2]",
-                              "sync[L1,L3,rest]", "apply[L1,L3,rest]", "sync[L0,L2]",
-                              "apply[L0,L2]", "sync[L1,L3,rest]"]
+    assert names(delayed) == ["ddp", "local", "local", "sync[L0,L2]", "send2[L0,L2]+apply[L0,L2]",
+                              "sync[L1,L3,rest]", "send2[L1,L3,rest]+apply[L1,L3,rest]",
+                              "sync[L0,L2]", "send2[L0,L2]+apply[L0,L2]", "sync[L1,L3,rest]"]
+    # Compressed codes do not slice: the whole payload travels when the sync starts.
+    coded = Method.from_config(dataclasses.replace(method, fragment_delay=2,
+                                                   compression="int8"), 4)
+    assert names(coded)[3:5] == ["sync[L0,L2]", "apply[L0,L2]"]
+    # d = 3 over a fragment every step: three fragments in flight, one slice of each per step.
+    overlapping = Method.from_config(MethodConfig(name="diloco", warmup_steps=0, sync_every=4,
+                                                  fragments=4, fragment_delay=3), 4)
+    assert names(overlapping)[1:6] == [
+        "sync[L0]", "sync[L1]+send2[L0]", "sync[L2]+send2[L1]+send3[L0]+apply[L0]",
+        "sync[L3,rest]+send2[L2]+send3[L1]+apply[L1]",
+        "sync[L0]+send2[L3,rest]+send3[L2]+apply[L2]"]
+    # H = 4, P = 1, d = 3: a step that only sends a slice.
+    whole = Method.from_config(MethodConfig(name="diloco", warmup_steps=0, sync_every=4,
+                                            fragment_delay=3), 4)
+    assert names(whole)[3:8] == ["local", "sync", "send2",
+                                 "send3+apply[L0,L1,L2,L3,rest]", "local"]
     sequential = Method.from_config(dataclasses.replace(method, fragment_layout="sequential"), 4)
     assert sequential.fragments == (frozenset({0, 1}), frozenset({2, 3, REST_UNIT}))
 
@@ -235,7 +252,9 @@ STREAMING = dict(warmup_steps=2, sync_every=2, fragments=2)
     (dataclasses.replace(EDIT, anomaly_threshold=6.0, fragment_delay=2, fragment_alpha=0.5,
                          norm_granularity="layer", shard_outer_over_replica=True, **STREAMING),
      True),
-], ids=["diloco", "edit", "edit-delay2-alpha0.5-layer-norms-outer-sharded"])
+    (dataclasses.replace(EDIT, anomaly_threshold=6.0, fragment_delay=2, fragment_alpha=0.5,
+                         **STREAMING), True),
+], ids=["diloco", "edit", "edit-delay2-alpha0.5-layer-norms-outer-sharded", "edit-delay2-sliced"])
 def test_streaming_equals_reference(method, penalty):
     losses, state, _ = _run_ours(method)
     ref_losses, ref_thetas = _run_streaming_reference(method, penalty)
@@ -341,6 +360,67 @@ def test_dreamddp_step_moves_exactly_its_units_with_no_dependency_on_compute():
     compiled = local_sgd.compiled_step(local_sgd.method.full_sync)
     rows = [r for r in collective_stats(compiled, mesh) if r.axis == "replica"]
     assert all("while" in upstream_opcodes(compiled.as_text(), r.name) for r in rows)
+
+
+def _one_shot(program):
+    """The same program with its delayed syncs sent whole when they start (slices = 1)."""
+    outer = dataclasses.replace(program.outer, slices=1)
+    return dataclasses.replace(
+        program, method=dataclasses.replace(program.method, slices=1), outer=outer,
+        layout=make_layout(program.layout.mesh, program.params_shapes, program.tx, outer))
+
+
+def test_sliced_delayed_syncs_equal_the_one_shot_sync_exactly():
+    """Streaming edit (penalty, global norms, alpha 0.5), H = 4, P = 2, d = 3, so two fragments
+    overlap in flight: sending each fragment in 3 slices over its 3 steps gives bit-identical
+    replicas after every step to sending it whole at its start."""
+    method = dataclasses.replace(EDIT, anomaly_threshold=6.0, sync_every=4, fragments=2,
+                                 fragment_delay=3, fragment_alpha=0.5)
+    sliced = build_program(_config(method), VOCAB)
+    assert sliced.method.slices == 3 and "send3" in " ".join(
+        p.name(2) for p in sliced.method.plans())
+    one_shot = _one_shot(sliced)
+    states = [sliced.init_state(), one_shot.init_state()]
+    for t, batch in enumerate(_batches()):
+        batch = jax.device_put(batch, sliced.layout.batch_sharding)
+        states = [program.step(state, t, batch)[0]
+                  for program, state in zip((sliced, one_shot), states)]
+        for a, b in zip(*(jax.tree.leaves(s.params) for s in states)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"step {t}")
+    assert states[1].in_flight is None and states[0].in_flight is not None
+
+
+def test_sliced_delay_sends_one_slice_per_step_from_the_step_input():
+    """diloco, 4 layers, H = 4, P = 2, d = 2: each fragment's payload travels in two halves,
+    one in the step its sync starts and one in the next, so every step's bytes over `replica`
+    are half a fragment's (plus a few scalars) and the peak halves; no data dependency ties any
+    of those all-reduces (payload, norms, step counts) to the layer scans or a matmul (XLA may
+    overlap them with the compute). The terms in flight are an f32 copy of the shard."""
+    model = dataclasses.replace(MODEL, n_layers=4)
+    cfg = _config(MethodConfig(name="diloco", warmup_steps=2, sync_every=4, fragments=2,
+                               fragment_delay=2))
+    program = build_program(dataclasses.replace(cfg, model=model), VOCAB)
+    sizes = _unit_bytes_per_device(program)
+    fragment = {"[L0,L2]": 2 * sizes[0], "[L1,L3,rest]": 2 * sizes[0] + sizes[REST_UNIT]}
+    scalars = 64  # the step counts' gather at a sync's start
+    inspected = inspect_program(program)
+    assert inspected["in_flight_bytes_per_device"] == inspected["param_bytes_per_shard"]  # f32
+    report = inspected["steps"]
+    assert set(report) == {"ddp", "local", "sync[L0,L2]", "send2[L0,L2]+apply[L0,L2]",
+                           "sync[L1,L3,rest]", "send2[L1,L3,rest]+apply[L1,L3,rest]"}
+    for name, units in (("sync[L0,L2]", "[L0,L2]"), ("send2[L0,L2]+apply[L0,L2]", "[L0,L2]"),
+                        ("sync[L1,L3,rest]", "[L1,L3,rest]"),
+                        ("send2[L1,L3,rest]+apply[L1,L3,rest]", "[L1,L3,rest]")):
+        assert report[name]["replica_bytes"] == pytest.approx(fragment[units] / 2, abs=scalars)
+    for plan in program.method.plans():
+        if plan.sync or plan.send:
+            compiled = program.compiled_step(plan)
+            text = compiled.as_text()
+            rows = [r for r in collective_stats(compiled, program.layout.mesh)
+                    if "replica" in r.axes]  # the payload's, the norms' and the step counts'
+            assert rows
+            for row in rows:
+                assert not {"while", "dot", "convolution"} & upstream_opcodes(text, row.name)
 
 
 def test_streaming_peak_is_one_fragment():

@@ -7,7 +7,7 @@ import pytest
 
 from edit_jax.cli import main
 from edit_jax.errors import UserError
-from edit_jax.plot import load_runs, plot_runs
+from edit_jax.plot import load_runs, pareto_front, plot_final_vs_bytes, plot_runs
 
 
 def _config(name, **method):
@@ -45,31 +45,43 @@ def _series(ax):
 
 
 def test_series_handed_to_matplotlib(runs):
+    """By default the validation loss only, on the last three quarters' range (from 2.2 to the
+    highest loss past a quarter of the tokens, 2.4, with 5% margins); with train and sync the
+    smoothed train loss (EMA 0.8: 3.0, 0.8 x 3.0 + 0.2 x 2.0 = 2.8) and the weights."""
     fig = plot_runs(load_runs(runs), x="tokens")
+    (top,) = fig.axes
+    assert _series(top) == {
+        "ddp": ([0, 2000], [5.5, 2.2]),
+        "edit tau=8 warmup=30 outer lr=0.7 mom=0.6": ([0, 2000], [5.5, 2.4])}
+    assert top.get_ylim() == pytest.approx((2.19, 2.41))
+    assert top.get_ylabel() == "validation loss"
+    fig = plot_runs(load_runs(runs), x="tokens", train=True, sync=True)
     top, weights = fig.axes
     assert _series(top) == {
-        "ddp train": ([1000, 2000], [3.0, 2.0]),
+        "ddp train": ([1000, 2000], [3.0, pytest.approx(2.8)]),
         "ddp val": ([0, 2000], [5.5, 2.2]),
-        "edit tau=8 warmup=30 outer lr=0.7 mom=0.6 train": ([1000, 2000], [3.5, 2.5]),
+        "edit tau=8 warmup=30 outer lr=0.7 mom=0.6 train": ([1000, 2000],
+                                                             [3.5, pytest.approx(3.3)]),
         "edit tau=8 warmup=30 outer lr=0.7 mom=0.6 val": ([0, 2000], [5.5, 2.4])}
     assert _series(weights) == {  # ddp has no sync rows
         "edit tau=8 warmup=30 outer lr=0.7 mom=0.6 r0": ([1600, 2400], [0.6, 0.3]),
         "edit tau=8 warmup=30 outer lr=0.7 mom=0.6 r1": ([1600, 2400], [0.4, 0.7])}
-    assert top.get_ylabel() == "loss" and weights.get_xlabel() == "tokens"
+    assert weights.get_xlabel() == "tokens"
     by_bytes = plot_runs(load_runs(runs), x="replica_bytes")
-    assert _series(by_bytes.axes[0])["ddp val"] == ([0, 140], [5.5, 2.2])
-    assert by_bytes.axes[-1].get_xlabel() == "bytes sent per device over replica"
+    assert _series(by_bytes.axes[0])["ddp"] == ([0, 140], [5.5, 2.2])
+    assert by_bytes.axes[0].get_xscale() == "log"
+    assert by_bytes.axes[-1].get_xlabel() == "bytes sent per device over replica (log)"
 
 
 def test_uneven_local_steps_get_a_panel_and_equal_labels_get_the_directory(tmp_path):
     rows = [_row(10, loss=3.0), _row(12, sync=True, weights=[0.5, 0.5], local_steps=[9, 4])]
     a = _run(tmp_path / "a", _config("a_edit"), rows)
     b = _run(tmp_path / "b", _config("a_edit"), rows)
-    fig = plot_runs(load_runs([a, b]), x="step")
+    assert len(plot_runs(load_runs([a, b]), x="step").axes) == 1
+    fig = plot_runs(load_runs([a, b]), x="step", sync=True)
     assert len(fig.axes) == 3
-    steps = _series(fig.axes[2])
-    assert steps["a_edit interval=2.0s warmup=30 outer lr=0.7 mom=0.9 (a) r0"] == ([12], [9])
-    assert steps["a_edit interval=2.0s warmup=30 outer lr=0.7 mom=0.9 (b) r1"] == ([12], [4])
+    steps = _series(fig.axes[2])  # the legend keeps what differs: the directory
+    assert steps["(a) r0"] == ([12], [9]) and steps["(b) r1"] == ([12], [4])
 
 
 def test_cli_writes_a_png(runs, tmp_path, capsys):
@@ -99,3 +111,21 @@ def test_bad_run_dirs_are_one_line_errors(tmp_path, capsys, make, message):
 def test_unknown_x_axis():
     with pytest.raises(UserError, match="--x 'flops' is not one of tokens, step"):
         plot_runs([], x="flops")
+
+
+def test_pareto_front_and_the_summary_figure():
+    """The front holds the points no other beats on both bytes and loss, by bytes (worked out
+    by hand); the summary figure has one point per run, coloured by method, and the front."""
+    points = [(100.0, 1.7), (10.0, 1.8), (10.0, 1.75), (1.0, 2.0), (50.0, 1.9), (200.0, 1.7)]
+    assert pareto_front(points) == [3, 2, 0]
+    rows = [{"label": f"{m} compression=topk" if b < 100 else m, "method": m,
+             "final_eval_loss": l, "replica_wire_bytes_per_step": b}
+            for m, (b, l) in zip(["diloco", "diloco", "edit", "edit", "diloco", "edit"], points)]
+    ax = plot_final_vs_bytes(rows).axes[0]
+    offsets = [c.get_offsets().tolist() for c in ax.collections]
+    assert offsets == [[[100, 1.7], [10, 1.8], [50, 1.9]], [[10, 1.75], [1, 2.0], [200, 1.7]]]
+    front = next(line for line in ax.get_lines() if line.get_label() == "Pareto front")
+    assert front.get_xdata().tolist() == [1, 10, 100]
+    assert sorted(t.get_text() for t in ax.texts)[:2] == ["fp32", "fp32"]
+    with pytest.raises(UserError, match="no run has"):
+        plot_final_vs_bytes([{"label": "ddp", "method": "ddp", "final_eval_loss": 1.0}])

@@ -10,15 +10,18 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from edit_jax.config import Config, MeshConfig, MethodConfig, ModelConfig, OptimizerConfig, RunConfig
+from edit_jax.inspect_hlo import collective_stats
 from edit_jax.methods import StepKind
 from edit_jax.model import init_model, loss_fn
 from edit_jax.optimizer import decay_mask, lr_schedule
 from edit_jax.program import build_program
+from edit_jax.sharding import BATCH_SPEC
 
 MODEL = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64)
 OPT = OptimizerConfig(lr=1e-2, warmup_steps=1, eps=1e-4, clip_norm=0.5)  # eps: see test_step.py
@@ -311,3 +314,28 @@ def test_step_weighted_sync_with_unequal_local_steps_equals_reference():
     assert first_rest_weights[0] > 0.6  # the step share (3/4) pulls towards replica 0
     np.testing.assert_allclose(state.outer.rest.weights, ref.weights_log[-len(ref.phi)],
                                atol=1e-4)
+
+
+def test_evaluating_phi_scores_phi_with_only_the_loss_over_replica():
+    """run.eval_params=phi: phi's loss equals that of replicas moved by +d and -d around it
+    (their mean, which the default evaluation scores), and the compiled evaluation sends only
+    the scalar loss over `replica`, where the default one averages every parameter."""
+    cfg = _config(MethodConfig(name="diloco", warmup_steps=0, sync_every=2))
+    program = build_program(dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, eval_params="phi")), VOCAB)
+    state = program.init_state()
+    apart = jax.tree.map(lambda x: x + 0.05 * jnp.array([1.0, -1.0]).reshape(
+        (2,) + (1,) * (x.ndim - 1)), state.params)
+    mesh = program.layout.mesh
+    tokens = jax.device_put(np.stack(_batches()[:2]), jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, *BATCH_SPEC)))
+    np.testing.assert_allclose(program.eval_phi_step(state.outer.phi, tokens),
+                               program.eval_step(apart, tokens), atol=1e-5)
+    sent = {}
+    for name, step, params in (("phi", program.eval_phi_step, state.outer.phi),
+                               ("average", program.eval_step, apart)):
+        rows = collective_stats(step.lower(params, tokens).compile(), mesh)
+        sent[name] = sum(r.payload_bytes for r in rows if "replica" in r.axes)
+    shard_bytes = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+                      for x in jax.tree.leaves(state.outer.phi))
+    assert sent["phi"] <= 8 and sent["average"] >= shard_bytes
