@@ -11,7 +11,7 @@ through the outer rule in event order ((time, worker id)), and then every worker
 restarts together from the current phi when the window closes; the others keep running.
 Outer rules: `sync` (DiLoCo: every worker runs, the server waits for the slowest, averages and
 takes one Nesterov step), `nesterov` (naive asynchronous DiLoCo: Nesterov per arrival) and
-`delayed_nesterov` (`outer.delayed_nesterov` with N = W). DyLU gives worker w
+`delayed_nesterov` (`delayed_nesterov.delayed_nesterov` with N = W). DyLU gives worker w
 max(1, floor(H * v_w / max v)) local steps, v = 1 / step time, so workers finish together.
 
 The paper's protocol (section 4 there): every rule starts from one model pretrained
@@ -49,8 +49,8 @@ from edit_jax.data import eval_batches, train_iterator
 from edit_jax.errors import UserError
 from edit_jax.model import init_model, loss_fn
 from edit_jax.optimizer import decay_mask
-from edit_jax.outer import delayed_nesterov
-from edit_jax.tokenizer import load_tokenizer
+from edit_jax.delayed_nesterov import delayed_nesterov
+from edit_jax.data import load_tokenizer
 
 PAPER_STEP_TIMES = (0.58, 0.75, 1.51, 3.33)  # s per local step, the authors' public notebook
 PRETRAIN_CHUNK = 50  # pretraining steps per jitted call

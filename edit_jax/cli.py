@@ -174,7 +174,7 @@ def _inspect(args: argparse.Namespace) -> None:
     start_jax(cfg.mesh, distributed_args_from_env(), xla_flags=cfg.run.xla_flags)
     from edit_jax.inspect_steps import format_report, inspect_program
     from edit_jax.program import build_program
-    from edit_jax.tokenizer import load_tokenizer
+    from edit_jax.data import load_tokenizer
 
     vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).vocab_size
     report = inspect_program(build_program(cfg, vocab_size))
@@ -193,7 +193,7 @@ def _schedule(args: argparse.Namespace) -> None:
     from edit_jax.mesh import make_mesh
     from edit_jax.model import abstract_model
     from edit_jax.schedule import format_schedule_report, schedule_report
-    from edit_jax.tokenizer import load_tokenizer
+    from edit_jax.data import load_tokenizer
 
     vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).vocab_size
     mesh = make_mesh(cfg.mesh)

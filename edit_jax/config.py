@@ -266,8 +266,9 @@ def resolve_tokenizer(c: Config) -> Config:
     if c.data.tokenizer:
         return c
     own = Path(c.model.init_from).expanduser() / hf_config.TOKENIZER_FILE
-    tokenizer = (str(own) if c.data.source != "tokens" and c.model.init_from and own.is_file()
-                 else token_shards.default_tokenizer(c.data))
+    d = c.data
+    tokenizer = (str(own) if d.source != "tokens" and c.model.init_from and own.is_file()
+                 else token_shards.default_tokenizer(d.source, d.paths, d.token_dtype))
     return dataclasses.replace(c, data=dataclasses.replace(c.data, tokenizer=tokenizer))
 
 

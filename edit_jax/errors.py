@@ -1,15 +1,17 @@
 """The errors users see: a one-line message naming the problem and the fix.
 
 The CLI catches `UserError`, prints `error: <message>` and exits with status 2, no traceback.
-Library code raises it for bad input (config, data, mesh, checkpoints); anything else is a bug.
-`PeerFailure` (a lost process in a multi-process run) exits with status 3, at once.
+Config, data, mesh, checkpoint and CLI code raise it for bad input; the math modules (outer
+optimizer, codes, fragments) raise plain `ValueError`, which `UserError` subclasses, so
+`except ValueError` catches both. `PeerFailure` (a lost process in a multi-process run) exits
+with status 3, at once.
 """
 
 import os
 import sys
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """Bad input from the user; the message says what is wrong and how to fix it, in one line."""
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import jax
 
 from edit_jax.config import FRAGMENT_LAYOUTS
-from edit_jax.errors import UserError
 
 
 def fragment_layers(num_layers: int, num_fragments: int, layout: str = "strided") -> list[list[int]]:
@@ -29,10 +28,10 @@ def fragment_layers(num_layers: int, num_fragments: int, layout: str = "strided"
     sequential: fragment p holds the contiguous layers [p*L/P, (p+1)*L/P).
     """
     if num_fragments < 1 or num_layers % num_fragments:
-        raise UserError(f"{num_fragments} fragments cannot split {num_layers} layers evenly; use "
-                        f"a divisor of {num_layers} for method.fragments")
+        raise ValueError(f"{num_fragments} fragments cannot split {num_layers} layers evenly; use "
+                         f"a divisor of {num_layers} for method.fragments")
     if layout not in FRAGMENT_LAYOUTS:
-        raise UserError(f"fragment layout '{layout}' is not one of {FRAGMENT_LAYOUTS}")
+        raise ValueError(f"fragment layout '{layout}' is not one of {FRAGMENT_LAYOUTS}")
     if layout == "strided":
         return [list(range(p, num_layers, num_fragments)) for p in range(num_fragments)]
     size = num_layers // num_fragments
@@ -46,8 +45,8 @@ def fragment_due(local_steps: int, sync_every: int, num_fragments: int) -> int |
     last fragment syncs at multiples of H, where a whole-model sync would.
     """
     if sync_every % num_fragments:
-        raise UserError(f"{num_fragments} fragments cannot stagger evenly over sync_every="
-                        f"{sync_every} steps; use a sync_every divisible by the fragments")
+        raise ValueError(f"{num_fragments} fragments cannot stagger evenly over sync_every="
+                         f"{sync_every} steps; use a sync_every divisible by the fragments")
     spacing = sync_every // num_fragments
     if local_steps <= 0 or local_steps % spacing:
         return None
@@ -58,7 +57,7 @@ def blend(local, synced, alpha: float):
     """alpha * local + (1 - alpha) * synced, leaf by leaf; alpha = 0 is exactly `synced` (also
     where `local` is not finite), alpha = 1 keeps the replica's own values."""
     if not 0.0 <= alpha <= 1.0:
-        raise UserError(f"the fragment alpha must be in [0, 1], got {alpha}")
+        raise ValueError(f"the fragment alpha must be in [0, 1], got {alpha}")
     if alpha == 0.0:
         return synced
     return jax.tree.map(lambda x, s: (alpha * x + (1.0 - alpha) * s).astype(s.dtype),

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from edit_jax.data import bpe_cache_path
 from edit_jax.errors import UserError
 from edit_jax.hf_config import TOKENIZER_FILE
-from edit_jax.tokenizer import BPE_EOS, ByteTokenizer, bpe_cache_path, load_tokenizer_file
+from edit_jax.tokenizer import BPE_EOS, ByteTokenizer, load_tokenizer_file
 
 if TYPE_CHECKING:
     from edit_jax.config import DataConfig

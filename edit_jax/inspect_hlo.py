@@ -474,6 +474,13 @@ def summarize(rows: Iterable[CollectiveRow]) -> dict:
             "replica_by_dtype": dict(sorted(replica_by_dtype.items()))}
 
 
+def replica_traffic(summary: dict) -> dict[str, int]:
+    """Per device, payload and wire bytes of the ops whose device groups span `replica` (axis
+    'replica' or 'both'), from a `summarize` output."""
+    return {name: summary["by_axis"]["replica"][key] + summary["by_axis"]["both"][key]
+            for name, key in (("replica_bytes", "bytes"), ("replica_wire_bytes", "wire_bytes"))}
+
+
 def memory_stats(compiled) -> dict:
     """Per-device memory of `compiled` from XLA's buffer assignment, in bytes.
 

@@ -18,7 +18,7 @@ from statistics import mean
 import jax
 
 from edit_jax.inspect_hlo import (collective_stats, format_table, human_bytes, memory_stats,
-                                  summarize)
+                                  replica_traffic, summarize)
 from edit_jax.methods import Method, StepPlan
 from edit_jax.program import Program, build_program
 
@@ -39,13 +39,6 @@ def bytes_per_device(tree) -> int:
     """Bytes one device holds of a tree of abstract arrays with shardings."""
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
                for x in jax.tree.leaves(tree))
-
-
-def replica_traffic(summary: dict) -> dict[str, int]:
-    """Per device, payload and wire bytes of the ops whose device groups span `replica` (axis
-    'replica' or 'both'), from a `summarize` output."""
-    return {name: summary["by_axis"]["replica"][key] + summary["by_axis"]["both"][key]
-            for name, key in (("replica_bytes", "bytes"), ("replica_wire_bytes", "wire_bytes"))}
 
 
 def _fp32_twin(program: Program) -> Program:

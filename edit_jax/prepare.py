@@ -33,9 +33,10 @@ from tqdm import tqdm
 
 from edit_jax import corpus_files, data, token_shards
 from edit_jax.config import DataConfig
+from edit_jax.data import load_tokenizer
 from edit_jax.errors import UserError
 from edit_jax.metrics import write_atomically
-from edit_jax.tokenizer import Tokenizer, load_tokenizer
+from edit_jax.tokenizer import Tokenizer
 
 RECORDS_DIR = ".prepare"
 SHARD_NAME = re.compile(r"^(train|val)-\d{5}-\d{4}\.bin$")
@@ -100,7 +101,9 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, *, workers: int | None = No
     if workers <= 0:
         raise UserError(f"--workers must be positive, got {workers}")
     out = Path(out).expanduser().resolve()
-    cfg = dataclasses.replace(cfg, tokenizer=cfg.tokenizer or token_shards.default_tokenizer(cfg))
+    name = cfg.tokenizer or token_shards.default_tokenizer(cfg.source, cfg.paths,
+                                                           cfg.token_dtype)
+    cfg = dataclasses.replace(cfg, tokenizer=name)
     inputs = sources(cfg)
     tokenizer = load_tokenizer(cfg)  # trains and caches a BPE first, before the workers load it
     _claim(out)

@@ -29,14 +29,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from edit_jax.errors import UserError
-
-if TYPE_CHECKING:
-    from edit_jax.config import DataConfig
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = "edit-jax-token-shards-v1"
@@ -115,12 +112,13 @@ def open_shards(paths: Sequence[str], token_dtype: str = "uint16",
     return shard_set
 
 
-def default_tokenizer(cfg: DataConfig) -> str:
-    """What `data.tokenizer` "" means: a prepared directory's own tokenizer for token shards,
-    else `byte`. Raw .bin shards do not say which tokenizer made them: that is an error."""
-    if cfg.source != "tokens" or not cfg.paths:
+def default_tokenizer(source: str, paths: Sequence[str], token_dtype: str) -> str:
+    """What `data.tokenizer` "" means for `data.source`, `data.paths` and `data.token_dtype`:
+    a prepared directory's own tokenizer for token shards, else `byte`. Raw .bin shards do not
+    say which tokenizer made them: that is an error."""
+    if source != "tokens" or not paths:
         return "byte"
-    shard_set = open_shards(cfg.paths, cfg.token_dtype)
+    shard_set = open_shards(paths, token_dtype)
     if shard_set.tokenizer is None:
         raise UserError("raw .bin token shards do not say which tokenizer made them; set "
                         "data.tokenizer to its tokenizer.json (or byte), and model.vocab_size "

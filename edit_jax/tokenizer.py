@@ -9,24 +9,20 @@ same file; training is deterministic, so processes that race to create it write 
 from __future__ import annotations
 
 import abc
-import dataclasses
 import hashlib
 import itertools
 import os
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from edit_jax import data, token_shards
+from edit_jax import token_shards
 from edit_jax.cache import cache_dir
 from edit_jax.errors import UserError
-
-if TYPE_CHECKING:
-    from edit_jax.config import DataConfig
 
 BPE_EOS = "<|endoftext|>"
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "[EOS]", "<|eos|>")
@@ -96,18 +92,16 @@ class HFTokenizer(Tokenizer):
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def load_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """The tokenizer that `cfg.tokenizer` names: 'byte', 'bpe' or a tokenizer.json path ("":
-    token_shards.default_tokenizer's choice)."""
-    if not cfg.tokenizer:
-        cfg = dataclasses.replace(cfg, tokenizer=token_shards.default_tokenizer(cfg))
-    if cfg.tokenizer == "byte":
+def load_named(name: str, bpe: Callable[[], HFTokenizer]) -> Tokenizer:
+    """The tokenizer `name` names: 'byte', 'bpe' (built by `bpe`, which knows the corpus) or a
+    tokenizer.json path."""
+    if name == "byte":
         return ByteTokenizer()
-    if cfg.tokenizer == "bpe":
-        return HFTokenizer(_cached_bpe(cfg), BPE_EOS, bpe_cache_path(cfg))
-    if cfg.tokenizer.endswith(".json"):
-        return load_tokenizer_file(cfg.tokenizer)
-    raise UserError(f"unknown tokenizer '{cfg.tokenizer}'; "
+    if name == "bpe":
+        return bpe()
+    if name.endswith(".json"):
+        return load_tokenizer_file(name)
+    raise UserError(f"unknown tokenizer '{name}'; "
                     "set data.tokenizer to byte, bpe or the path of a tokenizer.json")
 
 
@@ -130,9 +124,9 @@ def load_tokenizer_file(path: str) -> HFTokenizer:
                     f"add one of {' '.join(EOS_CANDIDATES)} to its vocabulary")
 
 
-def bpe_cache_path(cfg: DataConfig) -> Path:
-    """The cache file of the BPE for this corpus and vocab size."""
-    key = f"{_BPE_FORMAT}|{data.corpus_id(cfg)}|{cfg.bpe_vocab_size}"
+def bpe_cache_file(corpus_id: str, vocab_size: int) -> Path:
+    """The cache file of the BPE for the corpus `corpus_id` names and `vocab_size`."""
+    key = f"{_BPE_FORMAT}|{corpus_id}|{vocab_size}"
     return cache_dir() / f"bpe-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
@@ -148,13 +142,13 @@ def train_bpe(documents: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer
     return tokenizer
 
 
-def _cached_bpe(cfg: DataConfig) -> tokenizers.Tokenizer:
-    """Loads the cached BPE, or trains it on the training documents and writes it atomically."""
-    path = bpe_cache_path(cfg)
+def cached_bpe(path: Path, documents: Callable[[], Iterable[str]],
+               vocab_size: int) -> HFTokenizer:
+    """The BPE cached at `path`, or trained on the first BPE_TRAIN_DOCS of `documents()` and
+    written there atomically."""
     if path.is_file():
-        return tokenizers.Tokenizer.from_file(str(path))
-    documents = itertools.islice(data.train_documents(cfg), BPE_TRAIN_DOCS)
-    tokenizer = train_bpe(documents, cfg.bpe_vocab_size)
+        return HFTokenizer(tokenizers.Tokenizer.from_file(str(path)), BPE_EOS, path)
+    tokenizer = train_bpe(itertools.islice(documents(), BPE_TRAIN_DOCS), vocab_size)
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,4 +157,4 @@ def _cached_bpe(cfg: DataConfig) -> tokenizers.Tokenizer:
     except OSError as e:
         raise UserError(f"cannot write tokenizer cache {path}: {e.strerror}; "
                         "set EDIT_JAX_CACHE to a writable directory") from None
-    return tokenizer
+    return HFTokenizer(tokenizer, BPE_EOS, path)

@@ -10,8 +10,7 @@ schedule ran between that row and the checkpoint.
 
 from __future__ import annotations
 
-from edit_jax.inspect_hlo import collective_stats, summarize
-from edit_jax.inspect_steps import replica_traffic
+from edit_jax.inspect_hlo import collective_stats, replica_traffic, summarize
 from edit_jax.methods import StepPlan
 from edit_jax.program import Program
 

@@ -42,7 +42,7 @@ from edit_jax.schedule import save_profile
 from edit_jax.sharding import BATCH_SPEC
 from edit_jax.step import Layout, TrainState
 from edit_jax.stragglers import Straggler
-from edit_jax.tokenizer import load_tokenizer
+from edit_jax.data import load_tokenizer
 from edit_jax.traffic import ReplicaTraffic
 
 

@@ -44,7 +44,7 @@ def main() -> None:
 
     from edit_jax.inspect_steps import compile_steps, inspect_program
     from edit_jax.program import build_program
-    from edit_jax.tokenizer import load_tokenizer
+    from edit_jax.data import load_tokenizer
 
     vocab = base.model.vocab_size or load_tokenizer(base.data).vocab_size
     batch_rows, seq = base.data.global_batch_size, base.data.seq_len

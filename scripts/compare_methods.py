@@ -74,7 +74,7 @@ def step_bytes(cfg) -> dict:
     mean wire bytes (what a compressed sync saves is counted in them, see inspect_steps)."""
     from edit_jax.inspect_steps import inspect_program
     from edit_jax.program import build_program
-    from edit_jax.tokenizer import load_tokenizer
+    from edit_jax.data import load_tokenizer
 
     vocab_size = cfg.model.vocab_size or load_tokenizer(cfg.data).vocab_size
     report = inspect_program(build_program(cfg, vocab_size), compare_fp32=False)

@@ -15,8 +15,8 @@ from edit_jax.data import eval_batches, train_iterator
 from edit_jax.errors import UserError
 from edit_jax.model import init_model, loss_fn
 from edit_jax.optimizer import decay_mask
-from edit_jax.outer import DelayedNesterovState, delayed_nesterov
-from edit_jax.tokenizer import load_tokenizer
+from edit_jax.delayed_nesterov import DelayedNesterovState, delayed_nesterov
+from edit_jax.data import load_tokenizer
 
 MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_seq_len=64,
                     remat="none")
@@ -117,7 +117,7 @@ def test_delayed_nesterov_state_is_stable_under_jit():
 @pytest.mark.parametrize("kwargs", [{"buffer_size": 0}, {"buffer_size": 4, "activation": 0.3},
                                     {"buffer_size": 4, "momentum": 1.0}])
 def test_delayed_nesterov_rejects_bad_arguments(kwargs):
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         delayed_nesterov(0.7, **kwargs)
 
 

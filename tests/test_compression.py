@@ -13,8 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from edit_jax.compression import Compression, quantized_combine
 from edit_jax.config import MeshConfig
-from edit_jax.inspect_hlo import collective_stats, summarize
-from edit_jax.inspect_steps import replica_traffic
+from edit_jax.inspect_hlo import collective_stats, replica_traffic, summarize
 from edit_jax.mesh import make_mesh
 from edit_jax.methods import REST_UNIT, StepKind, StepPlan
 from edit_jax.program import build_program

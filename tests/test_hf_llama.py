@@ -15,12 +15,13 @@ from safetensors.numpy import load_file, save_file
 from edit_jax import data as data_lib
 from edit_jax.cli import main
 from edit_jax.config import load_config
+from edit_jax.data import load_tokenizer
 from edit_jax.hf_export import EXPORT_FILES
 from edit_jax.hf_import import load_params
 from edit_jax.hf_tokenizer import byte_tokenizer, write_tokenizer
 from edit_jax.model import loss_fn
 from edit_jax.program import build_program
-from edit_jax.tokenizer import ByteTokenizer, load_tokenizer, load_tokenizer_file
+from edit_jax.tokenizer import ByteTokenizer, load_tokenizer_file
 from runs import EDIT, SMALL, VOCAB, final_state, read_rows, train
 
 # EDiT warms up for 2 steps: checkpoint 2 holds equal replicas (exported as their mean),

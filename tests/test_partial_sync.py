@@ -17,7 +17,6 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from edit_jax.config import MeshConfig, MethodConfig
-from edit_jax.errors import UserError
 from edit_jax.fragments import blend, fragment_due, fragment_layers
 from edit_jax.inspect_hlo import collective_stats, upstream_opcodes
 from edit_jax.inspect_steps import bytes_per_device, inspect_program
@@ -38,9 +37,9 @@ def test_fragment_layers_and_offsets():
     # H = 6, P = 3: fragment p after (p+1)*2 local steps, then every 6.
     assert [fragment_due(n, 6, 3) for n in range(13)] == [
         None, None, 0, None, 1, None, 2, None, 0, None, 1, None, 2]
-    with pytest.raises(UserError, match="divisor of 6"):
+    with pytest.raises(ValueError, match="divisor of 6"):
         fragment_layers(6, 4)
-    with pytest.raises(UserError, match="divisible by the fragments"):
+    with pytest.raises(ValueError, match="divisible by the fragments"):
         fragment_due(2, 6, 4)
 
 
@@ -177,7 +176,7 @@ def test_blend():
     local, synced = {"w": jnp.array([1.0, jnp.nan])}, {"w": jnp.array([3.0, 5.0])}
     np.testing.assert_array_equal(blend(local, synced, 0.0)["w"], [3.0, 5.0])  # NaN dropped
     np.testing.assert_allclose(blend(local, synced, 0.25)["w"][0], 2.5)
-    with pytest.raises(UserError, match=r"\[0, 1\]"):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
         blend(local, synced, 1.5)
 
 

@@ -14,10 +14,11 @@ from tokenizers import models, pre_tokenizers
 from edit_jax import data, token_shards
 from edit_jax.cli import main
 from edit_jax.config import DataConfig, load_config
+from edit_jax.data import load_tokenizer
 from edit_jax.errors import UserError
 from edit_jax import prepare as prepare_module
 from edit_jax.prepare import _Progress, prepare
-from edit_jax.tokenizer import ByteTokenizer, load_tokenizer
+from edit_jax.tokenizer import ByteTokenizer
 
 BYTES = ByteTokenizer()
 

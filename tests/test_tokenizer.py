@@ -10,8 +10,9 @@ from tokenizers import models, pre_tokenizers
 
 from edit_jax import tokenizer as tokenizer_lib
 from edit_jax.config import DataConfig
+from edit_jax.data import bpe_cache_path, load_tokenizer
 from edit_jax.errors import UserError
-from edit_jax.tokenizer import ByteTokenizer, bpe_cache_path, load_tokenizer
+from edit_jax.tokenizer import ByteTokenizer
 
 
 def test_byte_tokenizer_exact_ids_and_round_trip():
