@@ -9,6 +9,7 @@ The dataclass defaults are the `tiny` config, so `edit-jax train` with no argume
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +20,18 @@ from omegaconf.errors import OmegaConfBaseException
 from edit_jax import hf_config, token_shards
 from edit_jax.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+def _config_dir() -> Path:
+    """The bundled configs: the repository's top-level configs/, read in place from a checkout
+    (installed editable or not installed at all, e.g. `python -m edit_jax.cli` from its root);
+    a wheel carries them as the package edit_jax.configs (pyproject.toml's package-dir)."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir():
+        return checkout / "configs"
+    return Path(str(importlib.resources.files("edit_jax.configs")))
+
+
+CONFIG_DIR = _config_dir()
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTIONS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
@@ -189,7 +201,7 @@ class Config:
 
 
 def resolve_config_path(name_or_path: str) -> Path:
-    """A config file path, or a bare name such as `small` among the package's configs/."""
+    """A config file path, or a bare name such as `small` among the bundled CONFIG_DIR."""
     path = Path(name_or_path)
     if not path.exists() and path.suffix == "" and (CONFIG_DIR / f"{name_or_path}.yaml").exists():
         path = CONFIG_DIR / f"{name_or_path}.yaml"

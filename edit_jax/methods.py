@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from edit_jax import xla_flags
 from edit_jax.config import MethodConfig
 from edit_jax.fragments import fragment_layers, fragment_due
 
@@ -45,8 +46,11 @@ def delay_slices(cfg: MethodConfig) -> int:
     """In how many slices, one per step, a delayed sync's payload travels: d =
     `fragment_delay` for uncompressed syncs whose phi is whole on every replica; else 1 (the
     codes' collectives, and the all-to-all of an outer state split over replicas, do not cut
-    into slices that sum to the whole, so their payload travels at the start)."""
-    if cfg.fragment_delay > 1 and cfg.compression == "none" and not cfg.shard_outer_over_replica:
+    into slices that sum to the whole, so their payload travels at the start). Also 1 where
+    the runtime cannot overlap collectives with compute (`xla_flags.overlaps_collectives`):
+    the slices' only point is that overlap, and the one-shot sync has the same values."""
+    if (cfg.fragment_delay > 1 and cfg.compression == "none" and not cfg.shard_outer_over_replica
+            and xla_flags.overlaps_collectives()):
         return cfg.fragment_delay
     return 1
 
@@ -68,6 +72,15 @@ class SyncRule(enum.Enum):
 RULES = {"ddp": SyncRule.NONE, "local_sgd": SyncRule.AVERAGE, "post_local_sgd": SyncRule.AVERAGE,
          "plsgd": SyncRule.PARTIAL, "dreamddp": SyncRule.PARTIAL, "diloco": SyncRule.OUTER,
          "edit": SyncRule.LAYERWISE, "a_edit": SyncRule.LAYERWISE}
+
+class Placement(enum.Enum):
+    """Where a step's sync runs (`Method.placement`)."""
+
+    IN_SCAN = "in the layer scan"  # EDiT's whole-model sync, layer by layer in the forward pass
+    BEFORE = "before the step"  # from the step's input parameters, with no data dependency on
+    # the step's compute (its result is used by the step, the update, or a later step)
+    AFTER = "after the step"  # on the parameters the inner update produced
+
 
 Units = frozenset  # of layer indices and REST_UNIT
 
@@ -157,12 +170,20 @@ class Method:
         return self.rule in (SyncRule.OUTER, SyncRule.LAYERWISE) or self.anchored
 
     @property
-    def sends_at_start(self) -> bool:
-        """Whether outer syncs run at the start of their step (from its input parameters):
-        edit's and compressed DreamDDP's always, diloco's when delayed; otherwise after the
-        inner step."""
+    def syncs_before_step(self) -> bool:
+        """Whether syncs run from their step's input parameters: edit's, plsgd's and
+        DreamDDP's always, diloco's when delayed; otherwise after the inner step."""
         return (self.rule in (SyncRule.LAYERWISE, SyncRule.PARTIAL)
                 or self.fragment_delay > 0)
+
+    def placement(self, plan: StepPlan) -> Placement | None:
+        """Where the sync that starts in `plan`'s step runs; None if none starts there."""
+        if plan.kind is not StepKind.SYNC or not plan.sync:
+            return None
+        if (self.rule is SyncRule.LAYERWISE and plan.sync == self.units
+                and not self.fragment_delay):
+            return Placement.IN_SCAN
+        return Placement.BEFORE if self.syncs_before_step else Placement.AFTER
 
     def _due(self, sync_point: int) -> Units:
         """The fragment whose sync is due after `sync_point` local steps (empty if none)."""
@@ -177,7 +198,7 @@ class Method:
         local_index = step - self.warmup_steps
         if self.rule is SyncRule.PARTIAL:
             sync, apply = self.period[local_index % len(self.period)], frozenset()
-        elif self.sends_at_start:
+        elif self.syncs_before_step:
             sync = self._due(local_index)
             apply = (self._due(local_index - self.fragment_delay + 1) if self.fragment_delay
                      else frozenset())

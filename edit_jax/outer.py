@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from edit_jax import xla_flags
 from edit_jax.compression import Compression
 from edit_jax.delayed_nesterov import DelayedNesterovState, delayed_nesterov  # noqa: F401
 from edit_jax.sparse import TopK
@@ -50,13 +51,15 @@ class PenaltyState(NamedTuple):
 
 class PenaltyTransformation(optax.GradientTransformationExtraArgs):
     """`pseudo_gradient_penalty`'s transformation. Besides `init` and `update` it carries the
-    two halves of `update` either side of the combination, for a combination spread over
-    several steps (sliced delayed syncs, sync.py): `weigh(delta, state, norms=, steps=)` ->
-    state with the weights, and `land(combined, state, params)` -> (updates, state)."""
+    three parts `update` chains, for callers that keep the error-feedback residual themselves
+    or spread the combination over several steps (sync.py): `weigh(delta, state, norms=,
+    steps=)` -> state with the weights; `combine(delta, state, residual)` -> (combined delta,
+    new residual), the one collective over replicas; `land(combined, state, params)` ->
+    (updates, state)."""
 
-    def __new__(cls, init, update, weigh, land):
+    def __new__(cls, init, update, weigh, combine, land):
         transformation = super().__new__(cls, init, update)
-        transformation.weigh, transformation.land = weigh, land
+        transformation.weigh, transformation.combine, transformation.land = weigh, combine, land
         return transformation
 
 
@@ -132,12 +135,15 @@ def replica_norms(delta, *, replica_axis: str, shard_axis: str | None = None,
     Returns:
         f32[R]: entry r is replica r's L2 norm.
 
-    One psum over `replica_axis` and `shard_axis` together of every replica's partial sums of
-    squares (one row per group of leaves, a whole leaf counted on shard 0 only) gives the same
-    sums as a psum over `shard_axis` and a gather over replicas, in one collective whose device
-    groups differ from those of the step's psums over `shard`, so XLA never merges it into one
-    of them (which would make a sync started from the step's input wait for the backward pass).
+    Where the runtime overlaps collectives (`xla_flags.overlaps_collectives`): one psum over `replica_axis` and `shard_axis` together of every
+    replica's partial sums of squares (one row per group of leaves, a whole leaf counted on
+    shard 0 only) gives the same sums as a psum over `shard_axis` and a gather over replicas,
+    in one collective whose device groups differ from those of the step's psums over `shard`,
+    so XLA never merges it into one of them (which would make a sync started from the step's
+    input wait for the backward pass). Elsewhere: that psum over `shard_axis` and gather.
     """
+    if not xla_flags.overlaps_collectives():
+        return gather_replicas(_norm(delta, shard_axis, sharded_mask), replica_axis)
     axes = jax.tree.leaves(_split_axes(delta, shard_axis, sharded_mask),
                            is_leaf=lambda a: isinstance(a, tuple))
     groups: dict[tuple[str, ...], jax.Array] = {}
@@ -415,18 +421,21 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
         inner_state = optax.tree.where(skip, state.inner_state, inner_state)
         return new_updates, state._replace(inner_state=inner_state)
 
+    def combine_weighted(updates, state: PenaltyState, residual=None):
+        """The middle part of `update`: the weighted sum over replicas of `weigh`'s weights, as
+        the layout and codes say; returns (combined, this replica's new residual: None
+        without error feedback)."""
+        if stacked:
+            return stacked_combine(updates, state.weights), None
+        if compression is None:
+            return combine(updates, state.weights, replica_axis=replica_axis), None
+        return compression.combine(updates, state.weights, replica_axis=replica_axis,
+                                   residual=residual)
+
     def update_fn(updates, state: PenaltyState, params=None, *, norms: jax.Array | None = None,
                   steps: jax.Array | None = None, **extra_args: Any) -> tuple[Any, PenaltyState]:
         state = weigh(updates, state, norms=norms, steps=steps)
-        if stacked:
-            combined = stacked_combine(updates, state.weights)
-        elif compression is None:
-            combined = combine(updates, state.weights, replica_axis=replica_axis)
-        else:
-            combined, residual = compression.combine(updates, state.weights,
-                                                     replica_axis=replica_axis,
-                                                     residual=state.residual)
-            state = state._replace(residual=residual)
-        return land(combined, state, params, **extra_args)
+        combined, residual = combine_weighted(updates, state, state.residual)
+        return land(combined, state._replace(residual=residual), params, **extra_args)
 
-    return PenaltyTransformation(init_fn, update_fn, weigh, land)
+    return PenaltyTransformation(init_fn, update_fn, weigh, combine_weighted, land)

@@ -18,13 +18,14 @@ the same places; error feedback's residuals ride in `TrainState.residual`.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from edit_jax.methods import REST_UNIT, Method, StepKind, StepPlan, SyncRule, Units
+from edit_jax.methods import REST_UNIT, Method, Placement, StepKind, StepPlan, SyncRule, Units
 from edit_jax.model import Params, loss_fn
 from edit_jax.optimizer import sharded_global_norm
 from edit_jax.sharding import (BATCH_SPEC, is_sharded, make_gather, named, optimizer_specs,
@@ -153,66 +154,111 @@ def _sync_metrics(outer_state: OuterState, units: Units) -> dict:
     return {"sync_weights": penalty.weights, "sync_outliers": jnp.sum(penalty.outliers)}
 
 
+class _Carry(NamedTuple):
+    """What a step's sync changes besides theta: the outer state, this replica's error-feedback
+    residual and sliced terms in flight (None where the method has none), and the metrics."""
+
+    outer: OuterState | None
+    residual: Params | None
+    in_flight: Params | None
+    metrics: dict
+
+
+def _outer_sync_metrics(carry: _Carry, units: Units, steps: jax.Array) -> _Carry:
+    metrics = {**carry.metrics, "sync_local_steps": steps.astype(jnp.int32),
+               **_sync_metrics(carry.outer, units)}
+    return carry._replace(metrics=metrics)
+
+
+def _sync_before(method: Method, outer: OuterSync | None, plan: StepPlan, theta: Params,
+                 replica_steps: jax.Array, carry: _Carry) -> tuple[Params, Params | None, _Carry]:
+    """The sync starting from the step's input (`Placement.BEFORE`) and the slices in flight
+    the plan sends; no data dependency on the step's compute. Returns (the parameters the step
+    computes with, those its update starts from if not those, carry)."""
+    update_from, sends = None, set(plan.send)
+    if method.placement(plan) is Placement.BEFORE and not method.has_outer_state:
+        update_from = average_units(theta, plan.sync, method.num_layers)  # plsgd, DreamDDP
+    elif method.placement(plan) is Placement.BEFORE and method.slices > 1:
+        outer_state, in_flight, steps = outer.start_sliced(theta, carry.outer, replica_steps,
+                                                           plan.sync, carry.in_flight)
+        carry = _outer_sync_metrics(carry._replace(outer=outer_state, in_flight=in_flight),
+                                    plan.sync, steps)
+        sends.add((plan.sync, 0))  # its first slice travels now
+    elif method.placement(plan) is Placement.BEFORE:
+        synced, outer_state, steps, residual = outer.sync_units(
+            theta, carry.outer, replica_steps, plan.sync, carry.residual)
+        carry = _outer_sync_metrics(carry._replace(outer=outer_state, residual=residual),
+                                    plan.sync, steps)
+        if method.rule is SyncRule.PARTIAL:  # compressed: the update starts from the average
+            update_from = synced
+        elif not method.fragment_delay:  # the synced values take part in this step
+            theta = synced
+    for units, index in sorted(sends, key=lambda s: s[1]):
+        carry = carry._replace(outer=outer.send_slice(carry.outer, carry.in_flight, units, index))
+    return theta, update_from, carry
+
+
+def _sync_after(method: Method, outer: OuterSync | None, plan: StepPlan, theta: Params,
+                replica_steps: jax.Array, carry: _Carry) -> tuple[Params, _Carry]:
+    """The sync after the inner update (`Placement.AFTER`: DiLoCo's outer step, local SGD's
+    averaging), then the delayed outer steps that land at the end of this step."""
+    if method.placement(plan) is Placement.AFTER and not method.has_outer_state:
+        theta = average_units(theta, plan.sync, method.num_layers)
+    elif method.placement(plan) is Placement.AFTER:
+        theta, outer_state, steps, residual = outer.sync_units(
+            theta, carry.outer, replica_steps, plan.sync, carry.residual)
+        carry = _outer_sync_metrics(carry._replace(outer=outer_state, residual=residual),
+                                    plan.sync, steps)
+    if plan.apply and method.slices > 1:  # a sliced fragment's last slice has arrived
+        theta, outer_state = outer.land_sliced(theta, carry.outer, plan.apply)
+        carry = carry._replace(outer=outer_state)
+    elif plan.apply:  # a delayed fragment's outer step lands
+        theta = outer.apply_units(theta, carry.outer, plan.apply)
+    return theta, carry
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, plan: StepPlan,
                     method: Method | None = None, outer: OuterSync | None = None):
     """jit(shard_map(step)): (TrainState, tokens (B, T+1)) -> (TrainState, metrics).
 
-    `plan` says what the step does over `replica` (methods.py); `method` gives the rule and
-    where each sync runs: EDiT's whole-model sync inside the layer scan; an outer sync due at the
-    start of the step (edit's fragments, any delayed fragment; a sliced one sends the plan's
-    slices from the step's input too and lands after the update) from the step's input; DiLoCo's
-    after the inner update; local SGD's averaging after the update; DreamDDP's averaging of the
-    step's input parameters, which the update then starts from. metrics: 'loss' and
-    'grad_norm' per replica (shape (R,)); on outer syncs the replica weights and outliers, the
-    local steps per replica since the previous sync, and (in the scan) every replica's step
-    count after this step.
+    `plan` says what the step does over `replica` (methods.py) and `method.placement(plan)`
+    where its sync runs: in the layer scan (EDiT's whole-model sync, `_in_scan`), before the
+    step from its input (`_sync_before`: fragments, delayed and sliced syncs, DreamDDP), or
+    after the inner update (`_sync_after`: DiLoCo, local SGD; delayed outer steps land there
+    too). metrics: 'loss' and 'grad_norm' per replica (shape (R,)); on outer syncs the replica
+    weights and outliers and the local steps per replica since the previous sync, and (in the
+    scan) every replica's step count after this step.
     """
     gather = make_gather(layout.dims)
     sharded_mask = is_sharded(layout.dims)
     num_shards = layout.num_shards
-    rule = method.rule if method is not None and plan.kind is StepKind.SYNC else SyncRule.NONE
-    outer_sync = bool(plan.sync) and (rule in (SyncRule.OUTER, SyncRule.LAYERWISE)
-                                      or (rule is not SyncRule.NONE and method.anchored))
-    if (outer_sync or plan.apply or plan.send) and outer is None:
-        raise ValueError(f"the {rule.value} sync needs an OuterSync")
-    in_scan = (outer_sync and rule is SyncRule.LAYERWISE and plan.sync == method.units
-               and method.fragment_delay == 0)
-    sliced = method is not None and method.slices > 1
-    at_start = outer_sync and not in_scan and method.sends_at_start and not sliced
-    at_end = outer_sync and not in_scan and not method.sends_at_start
-    slices = sorted(({(plan.sync, 0)} if outer_sync and sliced else set()) | plan.send,
-                    key=lambda s: s[1])
+    placement = None if method is None else method.placement(plan)
+    through_outer = placement is not None and method.has_outer_state
+    if (through_outer or plan.apply or plan.send) and outer is None:
+        raise ValueError(f"a step that syncs through phi ({plan}) needs an OuterSync")
+    in_scan = placement is Placement.IN_SCAN
 
     def local_step(state: TrainState, tokens_bxT1):
-        outer_state = state.outer
         theta = _unstack(state.params)
-        residual = None if state.residual is None else _unstack(state.residual)
-        in_flight = None if state.in_flight is None else _unstack(state.in_flight)
-        metrics = {}
+        carry = _Carry(state.outer, *(None if x is None else _unstack(x)
+                                      for x in (state.residual, state.in_flight)), {})
+        update_from = None
         if in_scan:
-            extra, totals = outer.sync_inputs(theta, outer_state, state.replica_steps, plan.sync)
-            metrics["sync_local_steps"] = extra["steps"].astype(jnp.int32)
-            metrics["replica_steps"] = totals + 1  # after this step
-        elif at_start:  # from the step's input: no data dependency on this step's compute
-            synced, outer_state, metrics["sync_local_steps"], residual = outer.sync_units(
-                theta, outer_state, state.replica_steps, plan.sync, residual)
-            metrics.update(_sync_metrics(outer_state, plan.sync))
-            if not method.fragment_delay and rule is not SyncRule.PARTIAL:
-                theta = synced  # the synced values take part in this step
-        elif outer_sync and sliced:  # weighed from the step's input, its first slice sent below
-            outer_state, in_flight, metrics["sync_local_steps"] = outer.start_sliced(
-                theta, outer_state, state.replica_steps, plan.sync, in_flight)
-            metrics.update(_sync_metrics(outer_state, plan.sync))
-        for units, index in slices:  # from the step's input too
-            outer_state = outer.send_slice(outer_state, in_flight, units, index)
+            extra, totals = outer.sync_inputs(theta, carry.outer, state.replica_steps, plan.sync)
+            metrics = {"sync_local_steps": extra["steps"].astype(jnp.int32),
+                       "replica_steps": totals + 1}  # after this step
+            carry = carry._replace(metrics=metrics)
+        elif method is not None:
+            theta, update_from, carry = _sync_before(method, outer, plan, theta,
+                                                     state.replica_steps, carry)
 
         def replica_loss_part(params):
             # Each device's share of its replica's mean loss; the all-gather's transpose sums
             # the shares' gradients over `shard`, giving the gradient of the replica mean.
             layer_sync, rest = None, None
             if in_scan:
-                params, rest = outer.sync_rest(params, outer_state, extra, residual)
-                layer_sync = outer.layer_sync(outer_state, extra, residual)
+                params, rest = outer.sync_rest(params, carry.outer, extra, carry.residual)
+                layer_sync = outer.layer_sync(carry.outer, extra, carry.residual)
             loss, layer_outs = loss_fn(graphdef, params, tokens_bxT1, gather, layer_sync)
             return loss / num_shards, (layer_outs, rest)
 
@@ -220,36 +266,30 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, layout: Layout, 
             replica_loss_part, has_aux=True)(theta)
         if in_scan:  # every replica continues from the new phi
             theta, outer_state, residual = assemble(rest, layer_outs,
-                                                    outer_state.synced_steps.at[0].set(totals))
-            metrics.update(_sync_metrics(outer_state, plan.sync))
+                                                    carry.outer.synced_steps.at[0].set(totals))
+            carry = carry._replace(outer=outer_state, residual=residual,
+                                   metrics={**carry.metrics, **_sync_metrics(outer_state,
+                                                                             plan.sync)})
         if plan.kind is StepKind.DDP:
             grads = jax.lax.pmean(grads, "replica")
-        if rule is SyncRule.PARTIAL:  # the update starts from the averaged input parameters
-            theta = synced if outer_sync else average_units(theta, plan.sync, method.num_layers)
+        if update_from is not None:
+            theta = update_from
         grad_norm = sharded_global_norm(grads, sharded_mask)
         updates, opt_state = tx.update(grads, _unstack(state.opt_state), theta)
         theta = optax.apply_updates(theta, updates)
         replica_steps = state.replica_steps + 1
-        if rule is SyncRule.AVERAGE and not outer_sync:
-            theta = average_units(theta, plan.sync, method.num_layers)
-        elif at_end:
-            theta, outer_state, metrics["sync_local_steps"], residual = outer.sync_units(
-                theta, outer_state, replica_steps, plan.sync, residual)
-            metrics.update(_sync_metrics(outer_state, plan.sync))
-        if plan.apply and sliced:  # a sliced fragment's last slice has arrived
-            theta, outer_state = outer.land_sliced(theta, outer_state, plan.apply)
-        elif plan.apply:  # a delayed fragment's outer step lands
-            theta = outer.apply_units(theta, outer_state, plan.apply)
-        new_state = TrainState(_stack(theta), _stack(opt_state), replica_steps, outer_state,
-                               None if residual is None else _stack(residual),
-                               None if in_flight is None else _stack(in_flight))
+        if method is not None:
+            theta, carry = _sync_after(method, outer, plan, theta, replica_steps, carry)
+        new_state = TrainState(_stack(theta), _stack(opt_state), replica_steps, carry.outer,
+                               *(None if x is None else _stack(x)
+                                 for x in (carry.residual, carry.in_flight)))
         # Per replica (averaged on the host): a collective here would tie the replicas together.
-        metrics["loss"] = jax.lax.psum(loss_part, "shard")[None]
-        metrics["grad_norm"] = grad_norm[None]
+        metrics = {**carry.metrics, "loss": jax.lax.psum(loss_part, "shard")[None],
+                   "grad_norm": grad_norm[None]}
         return new_state, metrics
 
     metric_specs = {"loss": P("replica"), "grad_norm": P("replica")}
-    if outer_sync:
+    if through_outer:
         metric_specs.update(sync_weights=P(), sync_outliers=P(), sync_local_steps=P())
     if in_scan:
         metric_specs["replica_steps"] = P()

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,10 +48,22 @@ from edit_jax.config import MethodConfig
 from edit_jax.fragments import blend
 from edit_jax.methods import REST_UNIT, Units, delay_slices
 from edit_jax.model import LAYER_GROUP, LayerSync, Params
-from edit_jax.outer import gather_replicas, pseudo_gradient_penalty, replica_norms, weighted_terms
+from edit_jax.outer import (PenaltyState, gather_replicas, pseudo_gradient_penalty, replica_norms,
+                            weighted_terms)
 from edit_jax.sharding import NOT_SHARDED
 from edit_jax.sparse import TopK
 from edit_jax.state import OuterState
+
+
+class UnitSync(NamedTuple):
+    """One unit's sync on this device: the replica's new values (phi blended by `alpha`), the
+    new phi, the unit's new outer state, this replica's new error-feedback residual (None
+    without error feedback)."""
+
+    theta: Params
+    phi: Params
+    state: PenaltyState
+    residual: Params | None
 
 
 def split_units(params: Params) -> tuple[Params, Params]:
@@ -251,11 +264,10 @@ class OuterSync:
             self.replica_dims)
         return (self.rest_tx, rest_dims) if group == "rest" else (self.layer_tx, layer_dims)
 
-    def sync_unit(self, group: str, theta: Params, phi: Params, state, extra: dict,
-                  residual: Params | None = None):
-        """(new theta, new phi, new outer state, new residual) of one unit of kind `group`
-        ('rest' or 'layers'), from this replica's shard theta; the new theta is phi blended with
-        theta by `alpha`, typed as varying over `replica` like theta (`_use_value`): a
+    def sync_unit(self, group: str, theta: Params, phi: Params, state: PenaltyState,
+                  extra: dict, residual: Params | None = None) -> UnitSync:
+        """One unit of kind `group` ('rest' or 'layers') from this replica's shard theta; the
+        new theta is typed as varying over `replica` like theta (`_use_value`): a
         replica-invariant value would make the gradient of a step that differentiates through it
         be summed over replicas. `residual`: this replica's error-feedback residual of the unit
         (kept in `TrainState.residual`, not in the shared outer state), or None."""
@@ -265,11 +277,12 @@ class OuterSync:
         else:
             delta = jax.tree.map(lambda p, t, d: p[None] - _to_pieces(t, d, self.num_replicas),
                                  phi, theta, replica_dims)
-        updates, state = tx.update(delta, state._replace(residual=residual), phi, **extra)
-        residual, state = state.residual, state._replace(residual=None)
+        state = tx.weigh(delta, state, **extra)
+        combined, residual = tx.combine(delta, state, residual)
+        updates, state = tx.land(combined, state, phi)
         phi = optax.apply_updates(phi, updates)
         new_theta = _use_value(theta, blend(theta, self._whole(phi, replica_dims), self.alpha))
-        return new_theta, phi, state, residual
+        return UnitSync(new_theta, phi, state, residual)
 
     @staticmethod
     def _whole(phi: Params, replica_dims) -> Params:
@@ -277,23 +290,23 @@ class OuterSync:
         return phi if replica_dims is None else jax.tree.map(_from_piece, phi, replica_dims)
 
     def sync_rest(self, theta: Params, outer: OuterState, extra: dict,
-                  residual: Params | None = None):
-        """Sync the non-layer unit: (params to use, (new theta, new phi, new state, new
-        residual) of it); `residual`: the whole residual tree, or None."""
+                  residual: Params | None = None) -> tuple[Params, UnitSync]:
+        """Sync the non-layer unit: (params to use, its `UnitSync`); `residual`: the whole
+        residual tree, or None."""
         rest_theta, _ = split_units(theta)
         rest_phi, _ = split_units(outer.phi)
         rest_residual = None if residual is None else split_units(residual)[0]
         synced = self.sync_unit("rest", rest_theta, rest_phi, outer.rest, extra, rest_residual)
-        return {**theta, **synced[0]}, synced
+        return {**theta, **synced.theta}, synced
 
     def layer_sync(self, outer: OuterState, extra: dict,
                    residual: Params | None = None) -> LayerSync:
-        """The per-layer sync run inside the model's layer scan (EDiT); per-layer outputs are
-        (new theta, new phi, new outer state, new residual)."""
+        """The per-layer sync run inside the model's layer scan (EDiT); the per-layer outputs
+        are `UnitSync`s."""
 
         def fn(theta_l: Params, xs):
             synced = self.sync_unit("layers", theta_l, *xs[:2], extra, *xs[2:])
-            return synced[0], synced
+            return synced.theta, synced
 
         states = (outer.phi[LAYER_GROUP], outer.layers)
         if residual is not None:
@@ -308,48 +321,34 @@ class OuterSync:
         since the fragment's last sync, the new residual)."""
         fragment = self.fragment_index(units)
         extra, totals = self.sync_inputs(theta, outer, replica_steps, units, fragment)
-        selection = self.select(units)
-        new_theta, phi, new_residual = dict(theta), dict(outer.phi), residual
-        rest_state, layer_state = outer.rest, outer.layers
-        if selection.rest:
-            new_theta, (_, rest_phi, rest_state, rest_residual) = self.sync_rest(
-                theta, outer, extra, residual)
-            phi.update(rest_phi)
-            if residual is not None:
-                new_residual = {**residual, **rest_residual}
-        if selection.has_layers:
-            take = selection.take
-            layer_residual = None if residual is None else take(residual[LAYER_GROUP])
-            layers_new, layers_phi, layers_state, layers_residual = jax.vmap(
-                lambda *xs: self.sync_unit("layers", *xs[:3], extra, *xs[3:]))(
-                    take(theta[LAYER_GROUP]), take(outer.phi[LAYER_GROUP]), take(outer.layers),
-                    *([] if residual is None else [layer_residual]))
-            new_theta[LAYER_GROUP] = selection.put(theta[LAYER_GROUP], layers_new)
-            phi[LAYER_GROUP] = selection.put(outer.phi[LAYER_GROUP], layers_phi)
-            layer_state = selection.put(outer.layers, layers_state)
-            if residual is not None:
-                new_residual = {**new_residual, LAYER_GROUP: selection.put(
-                    residual[LAYER_GROUP], layers_residual)}
-        synced = outer.synced_steps.at[fragment].set(totals)
-        new_outer = outer._replace(phi=phi, rest=rest_state, layers=layer_state,
-                                   synced_steps=synced)
-        return new_theta, new_outer, totals - outer.synced_steps[fragment], new_residual
+
+        def one(group, state, theta_u, phi_u, *residual_u):
+            synced = self.sync_unit(group, theta_u, phi_u, state, extra, *residual_u)
+            kept = (synced.residual,) if residual_u else ()
+            return (synced.theta, synced.phi, *kept, synced.state)
+
+        trees = (theta, outer.phi) + (() if residual is None else (residual,))
+        (new_theta, phi, *new_residual), outer_units = self._each_unit(units, outer, one, trees,
+                                                                       trees)
+        new_outer = outer_units._replace(phi=phi,
+                                         synced_steps=outer.synced_steps.at[fragment].set(totals))
+        return (new_theta, new_outer, totals - outer.synced_steps[fragment],
+                new_residual[0] if new_residual else None)
 
     def _each_unit(self, units: Units, outer: OuterState, fn, inputs: tuple[Params, ...],
                    into: tuple[Params, ...]):
-        """fn(transformation, unit state, *views of `inputs`) -> (*new views, new unit state)
-        on the selected non-layer unit and, under vmap, on the selected layers. Returns (the
-        trees `into` with the selected units' views replaced by the new ones, the outer state
-        with the units' new states)."""
+        """fn(unit kind 'rest' or 'layers', unit state, *views of `inputs`) -> (*new views, new
+        unit state) on the selected non-layer unit and, under vmap, on the selected layers.
+        Returns (the trees `into` with the selected units' views replaced by the new ones, the
+        outer state with the units' new states)."""
         selection = self.select(units)
         new_trees, rest_state, layer_states = [dict(t) for t in into], outer.rest, outer.layers
         if selection.rest:
-            *views, rest_state = fn(self.rest_tx, outer.rest,
-                                    *(split_units(t)[0] for t in inputs))
+            *views, rest_state = fn("rest", outer.rest, *(split_units(t)[0] for t in inputs))
             for new, view in zip(new_trees, views):
                 new.update(view)
         if selection.has_layers:
-            *views, states = jax.vmap(lambda state, *xs: fn(self.layer_tx, state, *xs))(
+            *views, states = jax.vmap(lambda state, *xs: fn("layers", state, *xs))(
                 selection.take(outer.layers), *(selection.take(t[LAYER_GROUP]) for t in inputs))
             for new, tree, view in zip(new_trees, into, views):
                 new[LAYER_GROUP] = selection.put(tree[LAYER_GROUP], view)
@@ -366,9 +365,9 @@ class OuterSync:
         fragment = self.fragment_index(units)
         extra, totals = self.sync_inputs(theta, outer, replica_steps, units, fragment)
 
-        def weigh(tx, state, theta_u, phi_u):
+        def weigh(group, state, theta_u, phi_u):
             delta = jax.tree.map(jnp.subtract, phi_u, theta_u)
-            state = tx.weigh(delta, state, **extra)
+            state = self._unit(group)[0].weigh(delta, state, **extra)
             return weighted_terms(delta, state.weights, replica_axis="replica"), state
 
         (in_flight,), outer = self._each_unit(units, outer, weigh, (theta, outer.phi),
@@ -404,9 +403,9 @@ class OuterSync:
         """A sliced sync lands once its last slice has arrived: the penalty clips the sum and
         the outer optimizer steps phi; the units continue from phi blended by `alpha`."""
 
-        def step(tx, state, phi_u, summed):
+        def step(group, state, phi_u, summed):
             combined = jax.tree.map(lambda s, p: s.astype(p.dtype), summed, phi_u)
-            updates, state = tx.land(combined, state, phi_u)
+            updates, state = self._unit(group)[0].land(combined, state, phi_u)
             return optax.apply_updates(phi_u, updates), state
 
         (phi,), outer = self._each_unit(units, outer, step, (outer.phi, outer.arrived),
@@ -426,13 +425,14 @@ class OuterSync:
         return selection.merge(theta, blend(selection.view(theta), phi, self.alpha))
 
 
-def assemble(rest, layers, synced_steps: jax.Array) -> tuple[Params, OuterState, Params | None]:
-    """(theta, outer state, residual) from the (new theta, new phi, new state, new residual) of
-    both unit kinds."""
-    theta = {**rest[0], LAYER_GROUP: layers[0]}
-    phi = {**rest[1], LAYER_GROUP: layers[1]}
-    residual = None if rest[3] is None else {**rest[3], LAYER_GROUP: layers[3]}
-    return theta, OuterState(phi, rest[2], layers[2], synced_steps), residual
+def assemble(rest: UnitSync, layers: UnitSync, synced_steps: jax.Array
+             ) -> tuple[Params, OuterState, Params | None]:
+    """(theta, outer state, residual) from the `UnitSync`s of both unit kinds (the layers'
+    stacked by the scan)."""
+    theta = {**rest.theta, LAYER_GROUP: layers.theta}
+    phi = {**rest.phi, LAYER_GROUP: layers.phi}
+    residual = None if rest.residual is None else {**rest.residual, LAYER_GROUP: layers.residual}
+    return theta, OuterState(phi, rest.state, layers.state, synced_steps), residual
 
 
 def average_units(theta: Params, units: Units, num_layers: int) -> Params:

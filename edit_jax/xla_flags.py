@@ -49,6 +49,18 @@ _PROBE = "import jax, jax.numpy as jnp; (jnp.ones(2) + 1).block_until_ready()"
 _CUDA_PLUGINS = ("jax_cuda13_plugin", "jax_cuda12_plugin")
 
 
+def overlaps_collectives() -> bool:
+    """Whether this process's XLA runtime can run a step's collectives beside its compute:
+    everywhere but XLA:CPU before jax 0.12. That runtime runs each device's program, and the
+    collectives it starts beside it, on one pool of one thread per device; a sync running beside
+    the layer scans can leave every thread waiting in a different collective (a deadlock,
+    aborted after 40 s: compressed DreamDDP on 8 fake devices under load, 2 runs in 4). jax
+    0.12's CPU runtime executes programs on threads of their own (25 runs in 25 without)."""
+    import jax  # here, so that setting XLA_FLAGS before JAX starts needs no JAX import
+
+    return jax.default_backend() != "cpu" or jax.__version_info__ >= (0, 12)
+
+
 def detect_platform(environ=os.environ, driver: Path = Path("/proc/driver/nvidia")) -> str:
     """The platform JAX will start on, known before its backend starts: 'gpu' where a CUDA
     plugin is installed, an NVIDIA driver is loaded (`driver` exists) and JAX_PLATFORMS allows

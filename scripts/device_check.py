@@ -12,8 +12,8 @@ compilation included), so that a hang, crash or out-of-memory stays in its part:
     (scripts/bench_sync_step.py), with fp32 syncs and with `method.compression=int8`.
 After each part the JSON file is rewritten (atomically) with every part so far, a failed one as
 {"part", "status": "failed", "error": one line, "stderr_tail"}, and one line is printed; at the
-end, README-ready tables. A part whose budget would end past `--total-s` gets only the time
-left. The exit status is 0 even when parts fail; they are listed.
+end, Markdown tables for docs/multihost.md's device check. A part whose budget would end past
+`--total-s` gets only the time left. The exit status is 0 even when parts fail; they are listed.
 
 `--smoke` (and any run where JAX's default backend is the CPU) runs the same parts on the tiny
 config, 8 x 128 tokens, 3 timed steps, into results/device_check_cpu_smoke.json; there cuDNN

@@ -18,10 +18,10 @@ A second, MODELLED column (`--model-mbit`, labelled so) extrapolates to a slower
 bytes each run really sent, assuming communication does not overlap compute. Wall time counts
 each run's loop, evaluation included (the same schedule for every method), compilation
 excluded: `edit-jax train` compiles every step plan before its loop starts. A run that aborts
-(gloo on CPU sometimes does, see the README's benchmark section) is started again from scratch,
-up to 3 times, and counted under `aborted_runs`. Resumable by method: one recorded in `--out`
-with the same settings is not rerun; an interrupted one is measured again from the start, since
-its link bytes must come from one run.
+(gloo on CPU sometimes does, see docs/results.md, "Top-k over the slow link") is started again
+from scratch, up to 3 times, and counted under `aborted_runs`. Resumable by method: one recorded
+in `--out` with the same settings is not rerun; an interrupted one is measured again from the
+start, since its link bytes must come from one run.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from edit_jax.slow_link import SlowLink
 DEVICES_PER_PROCESS = 4
 
 
-ATTEMPTS = 3  # per run: gloo on CPU sometimes aborts a 2-process run (README, Benchmark)
+ATTEMPTS = 3  # per run: gloo on CPU sometimes aborts a 2-process run (docs/results.md)
 
 
 def launch(link: SlowLink, settings: list[str], run_dir: Path) -> bool:

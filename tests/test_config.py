@@ -1,5 +1,7 @@
 """Config loading: defaults, YAML, overrides, and one-line errors naming the key."""
 
+from pathlib import Path
+
 import pytest
 
 from edit_jax.config import CONFIG_DIR, load_config
@@ -15,6 +17,24 @@ def test_every_bundled_config_loads():
     assert {"tiny", "small", "350m", "1b", "3b", "7b"} <= set(names)
     for name in names:
         load_config(name)
+
+
+def test_bundled_configs_are_the_repositorys_configs_dir():
+    """configs/ at the repository root is what `--config NAME` reads, installed (editable or
+    wheel, as the package edit_jax.configs) or not."""
+    repo_configs = Path(__file__).resolve().parents[1] / "configs"
+    if not repo_configs.is_dir():
+        pytest.skip("tests copied out of the checkout")
+    bundled = {p.name: p.read_text() for p in CONFIG_DIR.glob("*.yaml")}
+    assert bundled == {p.name: p.read_text() for p in repo_configs.glob("*.yaml")}
+
+
+def test_unknown_config_name_lists_the_bundled_ones():
+    with pytest.raises(UserError) as e:
+        load_config("smal")
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    assert str(e.value) == f"config file not found: smal; pass a YAML file or one of: {known}"
+    assert "1b, 350m, 3b, 7b, small, tiny" in known
 
 
 def test_overrides_are_typed_and_win(tmp_path):

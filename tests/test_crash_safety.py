@@ -1,5 +1,6 @@
-"""The README's promises about crashes, damaged storage, two trainers on one run directory and
-the paths a user gives, met as a user meets them: through the CLI, one line on stderr."""
+"""docs/cli.md's promises (resume and crash safety, errors) about crashes, damaged storage, two
+trainers on one run directory and the paths a user gives, met as a user meets them: through the
+CLI, one line on stderr."""
 
 import json
 import os

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from edit_jax import delayed_nesterov as delayed_nesterov_module
-from edit_jax import outer
+from edit_jax import outer, xla_flags
 from edit_jax.outer import (AnomalyStats, PenaltyState, clip_by_norm, init_anomaly_stats,
                             penalty_weights, pseudo_gradient_penalty)
 
@@ -150,8 +150,12 @@ def test_vmap_matches_numpy(config):
     _check_against_reference(lambda tx, state: _vmap_sync(tx), 4, config)
 
 
+@pytest.mark.parametrize("joint", [True, False], ids=["joint-psum", "shard-then-replica"])
 @pytest.mark.parametrize("config", [ON, OFF], ids=["penalty", "averaging"])
-def test_shard_map_matches_numpy(config):
+def test_shard_map_matches_numpy(config, joint, monkeypatch):
+    """Both structures of the norms' collectives (`xla_flags.overlaps_collectives`) give the
+    reference's sync."""
+    monkeypatch.setattr(xla_flags, "overlaps_collectives", lambda: joint)
     mesh = jax.make_mesh((2, 4), ("replica", "shard"))
     config = dict(config, shard_axis="shard", sharded_mask=MASK)
     _check_against_reference(lambda tx, state: _shard_map_sync(tx, mesh, state), 2, config)
