@@ -19,6 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from edit_jax import hf_config, token_shards
 from edit_jax.errors import UserError
+from edit_jax.fragments import FRAGMENT_LAYOUTS
+from edit_jax.methods import METHODS, SyncRule
 
 
 def _config_dir() -> Path:
@@ -35,12 +37,8 @@ CONFIG_DIR = _config_dir()
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTIONS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
-METHODS = ("ddp", "local_sgd", "post_local_sgd", "plsgd", "dreamddp", "diloco", "edit", "a_edit")
-FRAGMENT_METHODS = ("diloco", "edit")  # the methods with streaming fragments
-FRAGMENT_LAYOUTS = ("strided", "sequential")
 COMPRESSIONS = ("none", "int8", "fp8", "int4", "topk")
 TOPK_VALUE_BITS = (2, 4, 8)
-PENALTY_METHODS = ("edit", "a_edit")  # the layer-wise sync with the pseudo-gradient penalty
 NORM_GRANULARITIES = ("global", "layer")
 DATA_SOURCES = ("bundled", "files", "tfds", "tokens")
 
@@ -344,11 +342,13 @@ def validate(c: Config) -> None:
     _require(0.0 <= o.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio", "must be in [0, 1]")
     _require(o.clip_norm >= 0, "optimizer.clip_norm", "must be >= 0 (0 disables clipping)")
     k = c.method
-    _require(k.name in METHODS, "method.name", f"'{k.name}' is not one of {METHODS}")
+    _require(k.name in METHODS, "method.name", f"'{k.name}' is not one of {tuple(METHODS)}")
+    spec = METHODS[k.name]
     _require(k.sync_every > 0, "method.sync_every", "must be positive")
     _require(k.warmup_steps >= 0, "method.warmup_steps", "must be >= 0")
-    _require(k.name != "post_local_sgd" or k.warmup_steps > 0, "method.warmup_steps",
-             "post_local_sgd needs synchronous warm-up steps (> 0); use local_sgd for none")
+    _require(k.warmup_steps >= spec.min_warmup, "method.warmup_steps",
+             f"{k.name} needs synchronous warm-up steps (>= {spec.min_warmup}); use local_sgd "
+             "for none")
     _require(k.outer_lr > 0, "method.outer_lr", "must be positive")
     _require(0.0 <= k.outer_momentum < 1.0, "method.outer_momentum", "must be in [0, 1)")
     _require(k.clip_norm >= 0, "method.clip_norm", "must be >= 0 (0 disables clipping)")
@@ -360,17 +360,19 @@ def validate(c: Config) -> None:
              f"'{k.norm_granularity}' is not one of {NORM_GRANULARITIES}")
     _require(k.sync_interval_seconds > 0, "method.sync_interval_seconds", "must be positive")
     _require(0.0 <= k.step_weighting <= 1.0, "method.step_weighting", "must be in [0, 1]")
-    _require(not k.shard_outer_over_replica or k.name in ("diloco", *PENALTY_METHODS),
-             "method.shard_outer_over_replica", "only diloco, edit and a_edit have an outer state")
-    _require(not (k.shard_outer_over_replica and k.name in PENALTY_METHODS
+    _require(not k.shard_outer_over_replica or spec.has_outer_state,
+             "method.shard_outer_over_replica",
+             f"only {', '.join(n for n, s in METHODS.items() if s.has_outer_state)} have an "
+             "outer state")
+    _require(not (k.shard_outer_over_replica and spec.penalty
                   and k.norm_granularity == "global"), "method.norm_granularity",
              "method.shard_outer_over_replica needs norm_granularity=layer (global norms would "
              "exchange every parameter a second time); set method.norm_granularity=layer")
     _require(k.fragments >= 1, "method.fragments", "must be >= 1 (1 = the whole model)")
     streaming = k.fragments > 1 or k.fragment_delay > 0 or k.fragment_alpha > 0
-    _require(not streaming or k.name in FRAGMENT_METHODS, "method.fragments",
+    _require(not streaming or spec.streaming, "method.fragments",
              f"streaming fragments (fragments, fragment_delay, fragment_alpha) apply to "
-             f"{' and '.join(FRAGMENT_METHODS)}, not {k.name}")
+             f"{' and '.join(n for n, s in METHODS.items() if s.streaming)}, not {k.name}")
     _require(m.n_layers % k.fragments == 0, "method.fragments",
              f"{k.fragments} fragments cannot split model.n_layers={m.n_layers} evenly; use a "
              f"divisor of {m.n_layers}")
@@ -388,7 +390,7 @@ def validate(c: Config) -> None:
     _require(k.compression in COMPRESSIONS, "method.compression",
              f"'{k.compression}' is not one of {COMPRESSIONS}")
     compressed = k.compression != "none"
-    _require(not compressed or k.name != "ddp", "method.compression",
+    _require(not compressed or spec.rule is not SyncRule.NONE, "method.compression",
              "compresses the syncs of the local methods; ddp averages fp32 gradients every step")
     _require(not (compressed and k.shard_outer_over_replica), "method.compression",
              "needs pseudo-gradients on the wire, but shard_outer_over_replica exchanges "
@@ -421,7 +423,7 @@ def validate(c: Config) -> None:
     profile_steps(r)  # raises for a malformed range
     _require(r.eval_params in ("average", "phi"), "run.eval_params",
              f"'{r.eval_params}' is not average or phi")
-    _require(r.eval_params == "average" or (k.name in ("diloco", "edit")
+    _require(r.eval_params == "average" or (spec.has_outer_state and not spec.timed
                                             and not k.shard_outer_over_replica),
              "run.eval_params", "phi is diloco's and edit's global parameters, whole on every "
              "replica; use average for other methods or with method.shard_outer_over_replica")

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import jax
 
-from edit_jax.config import FRAGMENT_LAYOUTS
+FRAGMENT_LAYOUTS = ("strided", "sequential")  # method.fragment_layout
+
 
 
 def fragment_layers(num_layers: int, num_fragments: int, layout: str = "strided") -> list[list[int]]:

@@ -19,7 +19,7 @@ import jax
 
 from edit_jax.inspect_hlo import (collective_stats, format_table, human_bytes, memory_stats,
                                   replica_traffic, summarize)
-from edit_jax.methods import Method, StepPlan
+from edit_jax.methods import METHODS, Method, StepPlan, SyncRule
 from edit_jax.program import Program, build_program
 
 
@@ -108,7 +108,7 @@ def format_report(report: dict) -> str:
     """`inspect_program` output as text: the sizes, then one `format_table` per step plan."""
     mesh = report["mesh"]
     nominal = "nominal " if report["timed_syncs"] else ""
-    per_step = ("replica bytes per step" if report["method"] == "ddp"
+    per_step = ("replica bytes per step" if METHODS[report["method"]].rule is SyncRule.NONE
                 else f"replica bytes per step (mean of {nominal}tau={report['sync_every']})")
     header = (f"method {report['method']}: {report['num_params']:,} parameters on a "
               f"{mesh['replica']} x {mesh['shard']} ('replica', 'shard') mesh of "

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 
 from edit_jax.config import Config
 from edit_jax.errors import UserError
-from edit_jax.methods import REST_UNIT, Units, unit_name
+from edit_jax.methods import METHODS, REST_UNIT, Units, unit_name
 from edit_jax.model import LAYER_GROUP, Params, init_model, loss_fn
 from edit_jax.schedule import (UnitProfile, comm_seconds, dreamddp_schedule, load_profile,
                                plsgd_schedule)
@@ -139,6 +139,6 @@ def unit_schedule(cfg: Config, profile: UnitProfile | None) -> tuple[Units, ...]
     """plsgd's or dreamddp's units per step of a period of `method.sync_every` steps."""
     order = backward_units(cfg.model.n_layers)
     period = cfg.method.sync_every
-    sets = (plsgd_schedule(len(order), period) if cfg.method.name == "plsgd"
+    sets = (plsgd_schedule(len(order), period) if METHODS[cfg.method.name].period == "in order"
             else dreamddp_schedule(profile, period))
     return tuple(frozenset(order[i] for i in s) for s in sets)

@@ -34,10 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import TYPE_CHECKING
 
 from edit_jax import xla_flags
-from edit_jax.config import MethodConfig
 from edit_jax.fragments import fragment_layers, fragment_due
+
+if TYPE_CHECKING:  # config.py reads the method table below
+    from edit_jax.config import MethodConfig
 
 REST_UNIT = -1  # the unit of all non-layer parameters (embedding, final norm, head)
 
@@ -69,9 +72,36 @@ class SyncRule(enum.Enum):
     LAYERWISE = "layerwise"  # EDiT
 
 
-RULES = {"ddp": SyncRule.NONE, "local_sgd": SyncRule.AVERAGE, "post_local_sgd": SyncRule.AVERAGE,
-         "plsgd": SyncRule.PARTIAL, "dreamddp": SyncRule.PARTIAL, "diloco": SyncRule.OUTER,
-         "edit": SyncRule.LAYERWISE, "a_edit": SyncRule.LAYERWISE}
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """What a method is, declared once (`METHODS`): config validation, program.py,
+    layer_profile.py, inspect and plot read these facts instead of comparing method names."""
+
+    rule: SyncRule
+    min_warmup: int = 0  # synchronous steps it needs first (post-local SGD's are its point)
+    penalty: bool = False  # EDiT's pseudo-gradient penalty in its outer step
+    streaming: bool = False  # streaming fragments (fragments, delay, blend) apply
+    timed: bool = False  # replicas sync by their clocks, not every sync_every steps (a_edit.py)
+    period: str = ""  # partial methods: how a period's units are chosen ("in order", "profiled")
+
+    @property
+    def has_outer_state(self) -> bool:
+        """Whether it keeps phi and an outer optimizer (compression aside)."""
+        return self.rule in (SyncRule.OUTER, SyncRule.LAYERWISE)
+
+
+# Adding a method: one row here, its rule (a SyncRule and, if new, its placement and sync), tests.
+METHODS = {
+    "ddp": MethodSpec(SyncRule.NONE),
+    "local_sgd": MethodSpec(SyncRule.AVERAGE),
+    "post_local_sgd": MethodSpec(SyncRule.AVERAGE, min_warmup=1),
+    "plsgd": MethodSpec(SyncRule.PARTIAL, period="in order"),
+    "dreamddp": MethodSpec(SyncRule.PARTIAL, period="profiled"),
+    "diloco": MethodSpec(SyncRule.OUTER, streaming=True),
+    "edit": MethodSpec(SyncRule.LAYERWISE, penalty=True, streaming=True),
+    "a_edit": MethodSpec(SyncRule.LAYERWISE, penalty=True, timed=True),
+}
+
 
 class Placement(enum.Enum):
     """Where a step's sync runs (`Method.placement`)."""
@@ -138,13 +168,13 @@ class Method:
     def from_config(cls, cfg: MethodConfig, num_layers: int,
                     period: tuple[Units, ...] = ()) -> Method:
         """`period`: the partial methods' schedule (schedule.py), one set of units per step."""
-        if RULES[cfg.name] is SyncRule.PARTIAL and len(period) != cfg.sync_every:
+        if METHODS[cfg.name].rule is SyncRule.PARTIAL and len(period) != cfg.sync_every:
             raise ValueError(f"{cfg.name} needs its schedule: one set of units per step of a "
                              f"period of {cfg.sync_every} (layer_profile.unit_schedule)")
         layers = fragment_layers(num_layers, cfg.fragments, cfg.fragment_layout)
         fragments = tuple(frozenset(f) | ({REST_UNIT} if p == len(layers) - 1 else frozenset())
                           for p, f in enumerate(layers))
-        rule = RULES[cfg.name]
+        rule = METHODS[cfg.name].rule
         anchored = cfg.compression != "none" and rule in (SyncRule.AVERAGE, SyncRule.PARTIAL)
         return cls(cfg.name, rule, cfg.warmup_steps, cfg.sync_every, num_layers, fragments,
                    cfg.fragment_delay, period, anchored, delay_slices(cfg))
@@ -161,7 +191,7 @@ class Method:
     @property
     def timed(self) -> bool:
         """Whether replicas sync by their clocks (a_edit), not every `sync_every` steps."""
-        return self.name == "a_edit"
+        return METHODS[self.name].timed
 
     @property
     def has_outer_state(self) -> bool:

@@ -21,11 +21,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 from edit_jax.errors import UserError
+from edit_jax.methods import METHODS, SyncRule
 from edit_jax.metrics import read_rows
 
 X_AXES = {"tokens": "tokens", "step": "step", "wall_time": "wall time (s)",
           "replica_bytes": "bytes sent per device over replica"}
-OUTER_METHODS = ("diloco", "edit", "a_edit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +41,13 @@ class Run:
 def describe(config: dict) -> str:
     """A short label: the method and the settings that tell its runs apart."""
     method = config["method"]
+    spec = METHODS[method["name"]]
     parts = [method["name"]]
-    if method["name"] != "ddp":
-        parts.append(f"tau={method['sync_every']}" if method["name"] != "a_edit"
+    if spec.rule is not SyncRule.NONE:
+        parts.append(f"tau={method['sync_every']}" if not spec.timed
                      else f"interval={method['sync_interval_seconds']}s")
         parts.append(f"warmup={method['warmup_steps']}")
-    if method["name"] in OUTER_METHODS:
+    if spec.has_outer_state:
         parts.append(f"outer lr={method['outer_lr']} mom={method['outer_momentum']}")
     if method.get("fragments", 1) > 1:  # streaming; configs older than fragments lack the key
         parts.append(f"P={method['fragments']}")

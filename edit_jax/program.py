@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from edit_jax.config import PENALTY_METHODS, Config
+from edit_jax.config import Config
 from edit_jax.errors import UserError
 from edit_jax.inspect_hlo import human_bytes, memory_stats
 from edit_jax.layer_profile import run_profile, unit_schedule
 from edit_jax.mesh import make_mesh
-from edit_jax.methods import RULES, Method, StepKind, StepPlan, SyncRule
+from edit_jax.methods import METHODS, Method, StepKind, StepPlan, SyncRule
 from edit_jax.model import (LAYER_GROUP, Params, abstract_model, choose_attention, count_params,
                             init_model)
 from edit_jax.optimizer import inner_optimizer
@@ -202,10 +202,10 @@ def build_program(cfg: Config, vocab_size: int, devices=None,
     _check_compression_block(cfg, params_shapes, shards)
     sharded_mask = is_sharded(shard_dims(params_shapes, shards))
     tx = inner_optimizer(cfg.optimizer, cfg.run.steps, sharded_mask)
-    period = ()
-    if cfg.method.name == "dreamddp" and profile is None:
+    period, spec = (), METHODS[cfg.method.name]
+    if spec.period == "profiled" and profile is None:
         profile = run_profile(cfg, vocab_size, params_shapes, replicas, shards)
-    if RULES[cfg.method.name] is SyncRule.PARTIAL:
+    if spec.rule is SyncRule.PARTIAL:
         period = unit_schedule(cfg, profile)
     method = Method.from_config(cfg.method, cfg.model.n_layers, period)
     outer = None
@@ -214,7 +214,7 @@ def build_program(cfg: Config, vocab_size: int, devices=None,
                                            replicas)
                         if cfg.method.shard_outer_over_replica else None)
         outer = OuterSync.create(cfg.method, replicas, method.fragments, sharded_mask,
-                                 penalty=method.name in PENALTY_METHODS, replica_dims=replica_dims,
+                                 penalty=spec.penalty, replica_dims=replica_dims,
                                  averaging=method.anchored)
     return Program(cfg, vocab_size, graphdef, params_shapes, tx, method, outer,
                    make_layout(mesh, params_shapes, tx, outer), profile,

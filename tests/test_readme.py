@@ -1,12 +1,13 @@
-"""The manual stays true: every config key is in the reference (docs/methods.md), the README's
-quick start has its two commands and CI runs the test one, and the library examples
-(docs/library.md) run and learn."""
+"""The manual stays true: every config key is in the reference (docs/methods.md), every method
+of the method table is in the README's table, the README's quick start has its two commands and
+CI runs the test one, and the library examples (docs/library.md) run and learn."""
 
 import dataclasses
 import re
 from pathlib import Path
 
 from edit_jax.config import Config
+from edit_jax.methods import METHODS as METHOD_TABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -18,6 +19,12 @@ def test_every_config_key_is_in_the_reference():
     for section in dataclasses.fields(Config):
         for field in dataclasses.fields(getattr(Config(), section.name)):
             assert f"`{section.name}.{field.name}`" in METHODS, f"{section.name}.{field.name}"
+
+
+def test_every_method_of_the_table_is_in_the_readme_table():
+    table = README.split("## Methods", 1)[1].split("##", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \|", table, re.M)
+    assert rows == list(METHOD_TABLE)
 
 
 def test_quick_start_has_two_commands_and_ci_runs_the_test_one():
