@@ -9,8 +9,11 @@ so the same functions serve both.
 
 The building blocks (`replica_norms`, `penalty_weights`, `combine`, `clip_by_norm`) are public so
 that a layer-wise sync can apply them per layer; `pseudo_gradient_penalty` chains them over the
-whole tree as an `optax.GradientTransformation`. Plain parameter averaging is
-`pseudo_gradient_penalty(..., anomaly=False, weighting=False, clip_norm=0)`.
+whole tree as an `optax.GradientTransformation`; its `combine=` argument says how the weighted
+sum travels: `PlainSum()` (one fp32 psum, the default), a `compression.Compression` or
+`sparse.TopK` (codes on the wire), or `StackedSum(mask)` (an outer state split over replicas).
+Plain parameter averaging is `pseudo_gradient_penalty(..., anomaly=False, weighting=False,
+clip_norm=0)`.
 
 `delayed_nesterov` (delayed_nesterov.py, also importable from here) is the outer optimizer of
 asynchronous Local-SGD, where the server applies one worker's pseudo-gradient at a time.
@@ -18,7 +21,8 @@ asynchronous Local-SGD, where the server applies one worker's pseudo-gradient at
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import dataclasses
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -289,14 +293,59 @@ def clip_by_norm(tree, clip_norm: float, *, shard_axis: str | None = None, shard
     return jax.tree.map(lambda x: (x * scale).astype(x.dtype), tree)
 
 
+@dataclasses.dataclass(frozen=True)
+class PlainSum:
+    """The default combination: `combine`'s one fp32 psum over replicas."""
+
+    def combine(self, tree, weights: jax.Array, *, replica_axis: str, residual=None):
+        """(sum_r weights[r] * tree_r, `residual` unchanged): the interface of the codecs'."""
+        return combine(tree, weights, replica_axis=replica_axis), residual
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StackedSum:
+    """The combination of an outer state sharded over replicas too (the stacked layout): every
+    leaf of a delta carries a leading axis of size R with every replica's delta of this
+    device's piece of phi, and `replica_split_mask` (bool tree like the params) says which
+    leaves' pieces are split over the replica axis (the rest are whole copies on every
+    replica). Norms and the sum are local (`stacked_replica_norms`, `stacked_combine`): the
+    all-to-all that brought the pieces carried parameters, so there are no codes to choose."""
+
+    replica_split_mask: Any
+
+    def combine(self, tree, weights: jax.Array, *, replica_axis: str, residual=None):
+        """(sum_r weights[r] * tree[r], `residual` unchanged); `replica_axis` is not used."""
+        del replica_axis
+        return stacked_combine(tree, weights), residual
+
+
+# How `pseudo_gradient_penalty` combines: any object with this `combine(tree, weights, *,
+# replica_axis, residual)` -> (combined, new residual) works; these are the library's.
+Combination = Union[PlainSum, StackedSum, Compression, TopK]
+
+
+def _one_combination(combine, compression):
+    """The combination `pseudo_gradient_penalty` was given by `combine=` or by its older
+    spelling `compression=`, checked once."""
+    if combine is not None and compression is not None:
+        raise ValueError("combine= and compression= both choose how replicas combine; pass "
+                         "one (compression=C is combine=C)")
+    combination = next((c for c in (combine, compression) if c is not None), PlainSum())
+    if not callable(getattr(combination, "combine", None)):
+        raise ValueError(f"combine={combination!r} has no combine(tree, weights, *, "
+                         "replica_axis, residual) method; pass PlainSum(), StackedSum(mask), "
+                         "a compression.Compression or a sparse.TopK")
+    return combination
+
+
 def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, replica_axis: str,
                             num_replicas: int, shard_axis: str | None = None, sharded_mask=None,
                             anomaly: bool = True, weighting: bool = True, clip_norm: float = 1.0,
                             temperature: float = 1.0, alpha: float = 0.02,
                             anomaly_warmup: int = 120, threshold: float = 3.0,
-                            step_weighting: float = 0.0, replica_split_mask=None,
-                            compression: Compression | TopK | None = None,
-                            error_feedback: bool = False
+                            step_weighting: float = 0.0, combine: Combination | None = None,
+                            error_feedback: bool = False,
+                            compression: Compression | TopK | None = None
                             ) -> PenaltyTransformation:
     """EDiT's pseudo-gradient penalty around `outer_optimizer`; call it once per replica.
 
@@ -312,10 +361,11 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
     section 4), and `step_weighting` mixes them into the weights; the softmax weights and the
     clipping keep the raw norms (see `penalty_weights`). Without `steps` the test uses raw norms.
     With `anomaly=False, weighting=False, clip_norm=0` it is plain parameter averaging (replicas
-    with non-finite deltas are still left out). With `compression` the combination moves 8- or
-    4-bit codes (`compression.quantized_combine`) or sparse top-k codes (`sparse.TopK`); the
-    norms, hence the weights, the outlier test and the clipping, still come from the
-    uncompressed deltas (or the given `norms`).
+    with non-finite deltas are still left out). `combine` chooses how the weighted sum over
+    replicas travels: with a `Compression` or a `TopK` it moves 8- or 4-bit codes
+    (`compression.quantized_combine`) or sparse top-k codes, while the norms, hence the
+    weights, the outlier test and the clipping, still come from the uncompressed deltas (or the
+    given `norms`).
 
     Args:
         outer_optimizer: the optimizer applied to the combined pseudo-gradient.
@@ -332,16 +382,14 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
         anomaly_warmup: syncs to observe before excluding anything.
         threshold: the z-score above which a replica is an outlier.
         step_weighting: rho in [0, 1]: weights (1 - rho) * w + rho * steps share (needs `steps`).
-        replica_split_mask: switches to the stacked layout, for an outer state sharded over
-            replicas too: every leaf of `delta_r` then carries a leading axis of size R with
-            every replica's delta of this device's piece of phi (`params` is that piece), and
-            the mask says which leaves' pieces are split over `replica_axis` (the rest are whole
-            copies on every replica). Norms and the combination are then computed locally.
-        compression: quantize the combination (compression.py, sparse.py); not with the
-            stacked layout, whose all-to-all carries parameters, not pseudo-gradients.
-        error_feedback: with `compression`, the state carries this replica's residual (what
-            quantization dropped, re-sent next time; `quantized_combine`, `TopK.combine`, which
-            needs it): it differs between replicas, so keep the state per replica.
+        combine: `PlainSum()` (the default: one fp32 psum), a `compression.Compression` or
+            `sparse.TopK` (codes on the wire), or `StackedSum(replica_split_mask)`, the stacked
+            layout of an outer state sharded over replicas too, where `params` is this device's
+            piece of phi and norms and sum are local (see `StackedSum`).
+        error_feedback: with codes, the state carries this replica's residual (what they
+            dropped, re-sent next time; `TopK` always needs it): it differs between replicas,
+            so keep the state per replica.
+        compression: the older spelling of `combine=compression`; pass at most one of the two.
 
     Returns:
         A `PenaltyTransformation` (an `optax.GradientTransformationExtraArgs`) whose state is a
@@ -374,12 +422,12 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
     if not 0 <= step_weighting <= 1:
         raise ValueError(f"step_weighting must be in [0, 1], got {step_weighting}")
     outer = optax.with_extra_args_support(outer_optimizer)
-    stacked = replica_split_mask is not None
-    if stacked and compression is not None:
-        raise ValueError("compression needs pseudo-gradients on the wire, but an outer state "
-                         "split over replicas exchanges parameters; drop one of the two")
-    if error_feedback and compression is None:
-        raise ValueError("error_feedback needs a compression to feed back")
+    combination = _one_combination(combine, compression)
+    split_mask = (combination.replica_split_mask if isinstance(combination, StackedSum)
+                  else None)
+    if error_feedback and isinstance(combination, (PlainSum, StackedSum)):
+        raise ValueError("error_feedback needs codes to feed back; pass a compression."
+                         "Compression or a sparse.TopK as combine=")
 
     def init_fn(params) -> PenaltyState:
         return PenaltyState(stats=init_anomaly_stats(num_replicas),
@@ -396,10 +444,10 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
         if axis_size != num_replicas:
             raise ValueError(f"num_replicas is {num_replicas} but axis {replica_axis!r} has "
                              f"{axis_size} replicas; pass num_replicas={axis_size}")
-        if norms is None and stacked:
+        if norms is None and split_mask is not None:
             norms = stacked_replica_norms(updates, replica_axis=replica_axis,
                                           shard_axis=shard_axis, sharded_mask=sharded_mask,
-                                          replica_split_mask=replica_split_mask)
+                                          replica_split_mask=split_mask)
         elif norms is None:
             norms = replica_norms(updates, replica_axis=replica_axis, shard_axis=shard_axis,
                                   sharded_mask=sharded_mask)
@@ -414,7 +462,7 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
         optimizer, or skip the step if `weigh` found every replica an outlier."""
         combined = clip_by_norm(combined, clip_norm, shard_axis=shard_axis,
                                 sharded_mask=sharded_mask, replica_axis=replica_axis,
-                                replica_split_mask=replica_split_mask)
+                                replica_split_mask=split_mask)
         new_updates, inner_state = outer.update(combined, state.inner_state, params, **extra_args)
         skip = jnp.all(state.outliers)
         new_updates = optax.tree.where(skip, optax.tree.zeros_like(new_updates), new_updates)
@@ -422,14 +470,9 @@ def pseudo_gradient_penalty(outer_optimizer: optax.GradientTransformation, *, re
         return new_updates, state._replace(inner_state=inner_state)
 
     def combine_weighted(updates, state: PenaltyState, residual=None):
-        """The middle part of `update`: the weighted sum over replicas of `weigh`'s weights, as
-        the layout and codes say; returns (combined, this replica's new residual: None
-        without error feedback)."""
-        if stacked:
-            return stacked_combine(updates, state.weights), None
-        if compression is None:
-            return combine(updates, state.weights, replica_axis=replica_axis), None
-        return compression.combine(updates, state.weights, replica_axis=replica_axis,
+        """The middle part of `update`: the weighted sum over replicas of `weigh`'s weights, by
+        `combine`; returns (combined, this replica's new residual, None without codes)."""
+        return combination.combine(updates, state.weights, replica_axis=replica_axis,
                                    residual=residual)
 
     def update_fn(updates, state: PenaltyState, params=None, *, norms: jax.Array | None = None,

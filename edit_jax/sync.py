@@ -48,8 +48,8 @@ from edit_jax.config import MethodConfig
 from edit_jax.fragments import blend
 from edit_jax.methods import REST_UNIT, Units, delay_slices
 from edit_jax.model import LAYER_GROUP, LayerSync, Params
-from edit_jax.outer import (PenaltyState, gather_replicas, pseudo_gradient_penalty, replica_norms,
-                            weighted_terms)
+from edit_jax.outer import (PenaltyState, StackedSum, gather_replicas, pseudo_gradient_penalty,
+                            replica_norms, weighted_terms)
 from edit_jax.sharding import NOT_SHARDED
 from edit_jax.sparse import TopK
 from edit_jax.state import OuterState
@@ -198,6 +198,7 @@ class OuterSync:
                        if replica_dims is not None else (None, None))
 
         def make(mask, split_mask):
+            combination = StackedSum(split_mask) if split_mask is not None else compression
             return pseudo_gradient_penalty(
                 sgd, replica_axis="replica", num_replicas=num_replicas, shard_axis="shard",
                 sharded_mask=mask, anomaly=penalty and cfg.anomaly,
@@ -205,7 +206,7 @@ class OuterSync:
                 temperature=cfg.temperature, alpha=cfg.anomaly_alpha,
                 anomaly_warmup=cfg.anomaly_warmup, threshold=cfg.anomaly_threshold,
                 step_weighting=cfg.step_weighting if penalty else 0.0,
-                replica_split_mask=split_mask, compression=compression)
+                combine=combination)
 
         return cls(make(rest_mask, split_masks[0]), make(layer_mask, split_masks[1]),
                    penalty and cfg.norm_granularity == "global", sharded_mask, num_replicas,

@@ -13,8 +13,10 @@ from jax.sharding import PartitionSpec as P
 
 from edit_jax import delayed_nesterov as delayed_nesterov_module
 from edit_jax import outer, xla_flags
-from edit_jax.outer import (AnomalyStats, PenaltyState, clip_by_norm, init_anomaly_stats,
-                            penalty_weights, pseudo_gradient_penalty)
+from edit_jax.compression import Compression
+from edit_jax.outer import (AnomalyStats, PenaltyState, StackedSum, clip_by_norm,
+                            init_anomaly_stats, penalty_weights, pseudo_gradient_penalty)
+from edit_jax.sparse import TopK
 
 # Leaf name -> (shape, spec over 'shard'); "b" is whole on every device (mask False).
 LEAVES = {"a": ((8, 3), P("shard")), "b": ((5,), P()), "c": ((3, 4), P(None, "shard"))}
@@ -482,3 +484,55 @@ def test_docstring_example_runs():
     for test in tests:
         runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+@pytest.mark.parametrize("spelling", ["combine", "compression"])
+def test_top_k_codes_combine_by_hand(spelling):
+    """combine=TopK (or its older spelling compression=): each replica sends the 2 largest of
+    its 4 values (8-bit codes hit +-scale exactly), keeps the rest as its residual, and phi
+    moves by minus the mean of what was sent."""
+    codes = TopK(block=4, fraction=0.5, value_bits=8, decay=1.0)
+    tx = pseudo_gradient_penalty(optax.sgd(1.0), replica_axis="replica", num_replicas=2, **OFF,
+                                 error_feedback=True, **{spelling: codes})
+    phi = {"w": jnp.zeros(4)}
+    thetas = {"w": jnp.asarray([[-3.0, 0.0, 3.0, 1.0], [0.0, -2.0, 1.0, 2.0]])}
+
+    def sync(theta, state):
+        updates, state = tx.update(jax.tree.map(jnp.subtract, phi, theta), state, phi)
+        return optax.apply_updates(phi, updates), state
+
+    new_phi, states = jax.vmap(sync, axis_name="replica", in_axes=(0, None))(thetas,
+                                                                             tx.init(phi))
+    np.testing.assert_allclose(new_phi["w"], [[-1.5, -1.0, 1.5, 1.0]] * 2, rtol=1e-6)
+    np.testing.assert_allclose(states.residual["w"], [[0, 0, 0, -1], [0, 0, -1, 0]], atol=1e-6)
+
+
+def test_stacked_sum_weighs_every_replicas_row_locally():
+    """combine=StackedSum(mask): each device holds every replica's delta as a row; the norms
+    (5 and 1) and the softmax weights come from the rows, with no traffic, and phi moves by
+    minus their weighted sum."""
+    tx = pseudo_gradient_penalty(optax.sgd(1.0), replica_axis="replica", num_replicas=2,
+                                 anomaly=False, clip_norm=0.0, combine=StackedSum({"w": False}))
+    rows = np.asarray([[3.0, 4.0, 0.0], [0.0, 0.0, 1.0]], np.float32)
+    phi = {"w": jnp.zeros(3)}
+
+    def sync(stacked, state):
+        updates, state = tx.update(stacked, state, phi)
+        return optax.apply_updates(phi, updates), state
+
+    new_phi, state = jax.vmap(sync, axis_name="replica", in_axes=(None, None), axis_size=2,
+                              out_axes=None)({"w": jnp.asarray(rows)}, tx.init(phi))
+    weights = np.exp([-5.0, -1.0]) / np.exp([-5.0, -1.0]).sum()
+    np.testing.assert_allclose(state.weights, weights, rtol=1e-6)
+    np.testing.assert_allclose(new_phi["w"], -(weights @ rows), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(combine=Compression("int8", 4), compression=Compression("int4", 4)),
+     "combine= and compression= both choose"),
+    (dict(error_feedback=True), "error_feedback needs codes"),
+    (dict(combine="psum"), "has no combine"),
+])
+def test_conflicting_combinations_are_refused_once(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pseudo_gradient_penalty(optax.sgd(1.0), replica_axis="replica", num_replicas=2, **kwargs)
