@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from edit_jax.errors import PeerFailure, UserError, exit_at_once
@@ -239,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`edit-jax inspect | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit's flush too
+        return 141  # as the shell reports a process ended by SIGPIPE
     return status or 0
 
 

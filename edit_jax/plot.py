@@ -18,7 +18,7 @@ from pathlib import Path
 
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter
+from matplotlib.ticker import EngFormatter, LogLocator
 
 from edit_jax.errors import UserError
 from edit_jax.methods import METHODS, SyncRule
@@ -183,6 +183,7 @@ def plot_runs(runs: list[Run], x: str = "tokens", *, train: bool = False,
     if x == "replica_bytes":
         axes[-1].set_xscale("log", nonpositive="mask")
         axes[-1].xaxis.set_major_formatter(EngFormatter(unit="B"))
+        axes[-1].xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))  # labels: 2x, 5x a decade
         axes[-1].xaxis.set_minor_formatter(EngFormatter(unit="B"))
     axes[-1].set_xlabel(X_AXES[x] + (" (log)" if x == "replica_bytes" else ""))
     return fig

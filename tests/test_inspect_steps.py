@@ -6,6 +6,8 @@ P/S is the fp32 parameter bytes divided by the shard count: one device's paramet
 
 import functools
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -124,3 +126,16 @@ def test_cli_inspect_bad_key(capsys):
     assert main(["inspect", "--json", "method.bogus=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "method.bogus" in err and "\n" not in err
+
+
+def test_output_piped_into_head_ends_quietly():
+    """`edit-jax inspect | head`: when the reader leaves, the CLI stops with the shell's SIGPIPE
+    status and no traceback (the command is replaced by one that prints 100,000 lines)."""
+    script = ("import sys; from edit_jax import cli; "
+              "cli.COMMANDS['inspect'] = lambda args: [print(i) for i in range(100_000)]; "
+              "sys.exit(cli.main(['inspect']))")
+    proc = subprocess.run(f"{sys.executable} -c \"{script}\" | head -n 1; "
+                          "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout == "0\n" and proc.returncode == 141, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr == ""
