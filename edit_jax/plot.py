@@ -182,9 +182,7 @@ def plot_runs(runs: list[Run], x: str = "tokens", *, train: bool = False,
         ax.legend(fontsize="x-small", **beside)
     if x == "replica_bytes":
         axes[-1].set_xscale("log", nonpositive="mask")
-        axes[-1].xaxis.set_major_formatter(EngFormatter(unit="B"))
-        axes[-1].xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))  # labels: 2x, 5x a decade
-        axes[-1].xaxis.set_minor_formatter(EngFormatter(unit="B"))
+        _label_bytes(axes[-1].xaxis)
     axes[-1].set_xlabel(X_AXES[x] + (" (log)" if x == "replica_bytes" else ""))
     return fig
 
@@ -234,12 +232,21 @@ def plot_final_vs_bytes(rows: list[dict], bytes_key: str = "replica_wire_bytes_p
     front = pareto_front(points)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="C3",
             drawstyle="steps-post", label="Pareto front", zorder=2)
-    ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
+    _label_bytes(ax.xaxis)
     ax.set_xlabel("wire bytes per step per device over replica (log)")
     ax.set_ylabel("final validation loss")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper right")
     return fig
+
+
+
+def _label_bytes(axis) -> None:
+    """A log axis of bytes labelled in B, kB, MB: each decade and its 2x and 5x (labels at all
+    eight minor ticks would overlap)."""
+    axis.set_major_formatter(EngFormatter(unit="B"))
+    axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    axis.set_minor_formatter(EngFormatter(unit="B"))
 
 
 def save_plot(runs: list[Run], x: str, out: str | Path, *, train: bool = False,
