@@ -21,7 +21,6 @@ import jax
 FRAGMENT_LAYOUTS = ("strided", "sequential")  # method.fragment_layout
 
 
-
 def fragment_layers(num_layers: int, num_fragments: int, layout: str = "strided") -> list[list[int]]:
     """The layer indices of each of `num_fragments` equal fragments.
 

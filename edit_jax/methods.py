@@ -197,7 +197,7 @@ class Method:
     def has_outer_state(self) -> bool:
         """Whether the train state carries phi and the outer optimizer state (for compressed
         averaging, phi is the anchor the replicas' differences are taken from)."""
-        return self.rule in (SyncRule.OUTER, SyncRule.LAYERWISE) or self.anchored
+        return METHODS[self.name].has_outer_state or self.anchored
 
     @property
     def syncs_before_step(self) -> bool:
