@@ -2,8 +2,8 @@
 or the bytes each device sent over `replica`; and a comparison's summary, the final loss of
 each run against its wire bytes.
 
-The curves show what a comparison's table says: validation loss, on a y-range that shows the
-last three quarters of training (train loss smoothed, and panels of the replicas' sync weights
+The curves show what a comparison's table says: validation loss over the last three quarters
+of training, on a y-range that fits them (train loss smoothed, and panels of the replicas' sync weights
 and local steps, on request). Each run is labelled by its method and settings, read from the
 `config.json` `edit-jax train` writes, and the legend keeps only the words that differ between
 runs. Drawn with matplotlib's Agg canvas: no display needed. Reading needs no JAX.
@@ -124,23 +124,24 @@ def smoothed(values: list[float], weight: float = 0.8) -> list[float]:
     return out
 
 
-def _loss_range(runs: list[Run], x: str) -> tuple[float, float] | None:
-    """A y-range for the last three quarters of training: from the lowest validation loss to
-    the highest one past the first quarter of the x-axis, with a margin."""
+def _late_window(runs: list[Run], x: str) -> tuple[float, tuple[float, float]] | None:
+    """Where the last three quarters of training lie: the x they start from (less a 2% margin)
+    and a y-range from the lowest validation loss to the highest one past that x (5% margins)."""
     evals = [(r[x], r["eval_loss"]) for run in runs for r in run.eval if x in r]
     if not evals:
         return None
-    start = max(v for v, _ in evals) / 4
+    end = max(v for v, _ in evals)
+    start = end / 4
     late = [l for v, l in evals if v >= start] or [l for _, l in evals]
     low, high = min(l for _, l in evals), max(late)
     margin = 0.05 * (high - low) or 0.05
-    return low - margin, high + margin
+    return start - 0.02 * (end - start), (low - margin, high + margin)
 
 
 def plot_runs(runs: list[Run], x: str = "tokens", *, train: bool = False,
               sync: bool = False) -> Figure:
-    """The figure: each run's validation loss (a line with markers), on a y-range that shows
-    the last three quarters of training; with `train` its train loss too, smoothed; with `sync`
+    """The figure: each run's validation loss (a line with markers) over the last three
+    quarters of training, on a y-range that fits them; with `train` its train loss too, smoothed; with `sync`
     panels of the replicas' sync weights and (where replicas ran different numbers of local
     steps, a_edit) of those. Bytes go on a log axis. The legend names what tells runs apart."""
     if x not in X_AXES:
@@ -170,8 +171,11 @@ def plot_runs(runs: list[Run], x: str = "tokens", *, train: bool = False,
                     ax.plot(xs, [r[key][replica] for r in run.sync], color=color,
                             linestyle=("-", "--", ":", "-.")[replica % 4],
                             label=f"{label} r{replica}")
-    y_range = _loss_range(runs, x)
-    if y_range is not None and not train:
+    window = _late_window(runs, x)
+    if window is not None and not train:
+        x_start, y_range = window
+        if x != "replica_bytes":  # a log axis of bytes already starts near the first sync
+            axes[0].set_xlim(left=x_start)  # the first quarter's losses lie above the range
         axes[0].set_ylim(*y_range)
     axes[0].set_ylabel("validation loss" if not train else "loss (train smoothed)")
     axes[0].grid(True, alpha=0.3)
@@ -238,7 +242,6 @@ def plot_final_vs_bytes(rows: list[dict], bytes_key: str = "replica_wire_bytes_p
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper right")
     return fig
-
 
 
 def _label_bytes(axis) -> None:

@@ -45,8 +45,9 @@ def _series(ax):
 
 
 def test_series_handed_to_matplotlib(runs):
-    """By default the validation loss only, on the last three quarters' range (from 2.2 to the
-    highest loss past a quarter of the tokens, 2.4, with 5% margins); with train and sync the
+    """By default the validation loss only, over the last three quarters (from a quarter of
+    2000 tokens, 500, less 2% of the 1500 shown: 470) on their range (from 2.2 to the highest
+    loss past 500 tokens, 2.4, with 5% margins); with train and sync the
     smoothed train loss (EMA 0.8: 3.0, 0.8 x 3.0 + 0.2 x 2.0 = 2.8) and the weights."""
     fig = plot_runs(load_runs(runs), x="tokens")
     (top,) = fig.axes
@@ -54,6 +55,7 @@ def test_series_handed_to_matplotlib(runs):
         "ddp": ([0, 2000], [5.5, 2.2]),
         "edit tau=8 warmup=30 outer lr=0.7 mom=0.6": ([0, 2000], [5.5, 2.4])}
     assert top.get_ylim() == pytest.approx((2.19, 2.41))
+    assert top.get_xlim()[0] == pytest.approx(470)
     assert top.get_ylabel() == "validation loss"
     fig = plot_runs(load_runs(runs), x="tokens", train=True, sync=True)
     top, weights = fig.axes
@@ -70,6 +72,7 @@ def test_series_handed_to_matplotlib(runs):
     by_bytes = plot_runs(load_runs(runs), x="replica_bytes")
     assert _series(by_bytes.axes[0])["ddp"] == ([0, 140], [5.5, 2.2])
     assert by_bytes.axes[0].get_xscale() == "log"
+    assert by_bytes.axes[0].get_xlim()[0] > 140 / 4  # bytes are not cut at a quarter (32.9)
     assert by_bytes.axes[-1].get_xlabel() == "bytes sent per device over replica (log)"
 
 
