@@ -3,10 +3,10 @@ or the bytes each device sent over `replica`; and a comparison's summary, the fi
 each run against its wire bytes.
 
 The curves show what a comparison's table says: validation loss over the last three quarters
-of training, on a y-range that fits them (train loss smoothed, and panels of the replicas' sync weights
-and local steps, on request). Each run is labelled by its method and settings, read from the
-`config.json` `edit-jax train` writes, and the legend keeps only the words that differ between
-runs. Drawn with matplotlib's Agg canvas: no display needed. Reading needs no JAX.
+of training, on a y-range that fits them (train loss smoothed, and panels of the replicas'
+sync weights and local steps, on request). Each run is labelled by its method and settings,
+read from the `config.json` `edit-jax train` writes, and the legend keeps only the words that
+differ between runs. Drawn with matplotlib's Agg canvas: no display needed. Reading needs no JAX.
 """
 
 from __future__ import annotations
@@ -141,9 +141,10 @@ def _late_window(runs: list[Run], x: str) -> tuple[float, tuple[float, float]] |
 def plot_runs(runs: list[Run], x: str = "tokens", *, train: bool = False,
               sync: bool = False) -> Figure:
     """The figure: each run's validation loss (a line with markers) over the last three
-    quarters of training, on a y-range that fits them; with `train` its train loss too, smoothed; with `sync`
-    panels of the replicas' sync weights and (where replicas ran different numbers of local
-    steps, a_edit) of those. Bytes go on a log axis. The legend names what tells runs apart."""
+    quarters of training, on a y-range that fits them; with `train` its train loss too,
+    smoothed; with `sync` panels of the replicas' sync weights and (where replicas ran
+    different numbers of local steps, a_edit) of those. Bytes go on a log axis. The legend
+    names what tells runs apart."""
     if x not in X_AXES:
         raise UserError(f"--x {x!r} is not one of {', '.join(X_AXES)}")
     synced = [run for run in runs if run.sync] if sync else []
